@@ -1,0 +1,77 @@
+"""Differentiable collectives, written once on the contract's single autograd primitive.
+
+Each is a pair of plain collectives: the forward one and its adjoint, joined by
+:meth:`Platform.autograd_function`. Because the adjoint is itself a plain collective on the same group, every rank
+issues the same collective sequence in backward as in forward, on every backend.
+
+| forward                         | backward (adjoint)                     |
+|---------------------------------|----------------------------------------|
+| all_to_all_single(in -> out)    | all_to_all_single(out -> in)           |
+| all_gather (concat dim 0)       | reduce_scatter sum                     |
+| reduce_scatter sum              | all_gather                             |
+| all_reduce sum                  | all_reduce sum                         |
+| identity                        | all_reduce sum (a Partial gradient)    |
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyper_parallel.platform import Group
+
+
+class DifferentiableCollectives:
+    """Mixin of :class:`~hyper_parallel.platform.Platform`: reachable as ``get_platform().<name>``."""
+
+    def differentiable_all_to_all_single(self, x, input_splits: Sequence[int], output_splits: Sequence[int],
+                                         group: "Group | None" = None):
+        """All-to-all of rows with uneven splits whose gradient is the same exchange with the splits swapped.
+
+        Args:
+            x: rows to send, ``sum(input_splits)`` of them.
+            input_splits: rows sent to each group member (Python ints).
+            output_splits: rows received from each group member (Python ints).
+            group: the group (``None`` = world).
+
+        Returns:
+            The received rows, ``sum(output_splits)`` of them.
+        """
+        input_splits, output_splits = list(input_splits), list(output_splits)
+        in_shape = tuple(x.shape)
+        out_shape = (sum(output_splits), *in_shape[1:])
+
+        def forward(t):
+            return self.all_to_all_single(t, out_shape, input_splits, output_splits, group=group)[0]
+
+        def backward(g):
+            return self.all_to_all_single(g, in_shape, output_splits, input_splits, group=group)[0]
+
+        return self.autograd_function(forward, backward)(x)
+
+    def differentiable_all_gather(self, x, group: "Group | None" = None):
+        """All-gather along dim 0; the gradient is the reduce-scatter (sum) of the output gradient."""
+        return self.autograd_function(
+            lambda t: self.all_gather_into_tensor(t, group=group),
+            lambda g: self.reduce_scatter_tensor(g, "sum", group=group),
+        )(x)
+
+    def differentiable_reduce_scatter(self, x, group: "Group | None" = None):
+        """Reduce-scatter (sum) along dim 0; the gradient is the all-gather of the output gradient."""
+        return self.autograd_function(
+            lambda t: self.reduce_scatter_tensor(t, "sum", group=group),
+            lambda g: self.all_gather_into_tensor(g, group=group),
+        )(x)
+
+    def differentiable_all_reduce(self, x, group: "Group | None" = None):
+        """All-reduce (sum); the gradient is the all-reduce (sum) of the output gradient."""
+        reduce = lambda t: self.all_reduce(t, "sum", group=group)  # noqa: E731
+        return self.autograd_function(reduce, reduce)(x)
+
+    def identity_fwd_all_reduce_bwd(self, x, group: "Group | None" = None):
+        """Identity forward, all-reduce (sum) backward: turns a per-rank partial gradient into the full one.
+
+        This is what ``DTensor.to_local(grad_placements=[Partial()])`` and a replicated input that feeds
+        sharded compute need.
+        """
+        return self.autograd_function(lambda t: t, lambda g: self.all_reduce(g, "sum", group=group))(x)

@@ -1,0 +1,478 @@
+"""The platform contract: everything the neutral core needs that differs between frameworks.
+
+A member joins :class:`Platform` only when neutral code needs it AND the frameworks spell it differently. What they
+spell the same way (``x.view``, ``x[idx]``, ``x.shape``, ``x.repeat_interleave(t)``, ...) is used directly.
+
+Public members come in three kinds:
+
+* **Abstract** (``@abc.abstractmethod``): each adapter implements them.
+* **Checked templates** (the collectives, ``tolist``): written here once; they validate the arguments on the host,
+  count the call for :meth:`Platform.count_calls`, and hand over to an adapter's ``_``-prefixed implementation. The
+  checks therefore hold identically on every backend.
+* **Neutral**: written once on top of the others (group queries and the differentiable collectives in
+  :class:`~hyper_parallel._differentiable.DifferentiableCollectives`).
+
+The backend is resolved once per process by :func:`get_platform`.
+
+>>> from hyper_parallel import get_platform
+>>> p = get_platform()            # doctest: +SKIP
+>>> p.init_process_group()        # reads RANK, WORLD_SIZE, MASTER_ADDR, ...  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+from hyper_parallel import _validation as check
+from hyper_parallel._differentiable import DifferentiableCollectives
+
+__all__ = ["Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
+
+#: Neutral dtype names accepted by the factories and reported by :meth:`Platform.dtype_name`.
+DTYPE_NAMES = ("bool", "int32", "int64", "float16", "bfloat16", "float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Group:
+    """A process group as every rank sees it.
+
+    Every rank holds a ``Group`` for every group created, members or not, so neutral code never branches on
+    membership. ``native`` is the framework's handle (a torch ``ProcessGroup``, a MindSpore group name); it is
+    ``None`` on ranks outside the group.
+    """
+
+    ranks: tuple[int, ...]
+    """Global ranks of the members, in group-rank order."""
+    native: Any = None
+    """The framework's handle for this group, or ``None`` on a non-member."""
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def __repr__(self) -> str:
+        return f"Group(ranks={list(self.ranks)})"
+
+
+class Handle:
+    """The completion handle of an asynchronous collective. ``wait()`` blocks until the output may be read."""
+
+    def __init__(self, wait: Callable[[], None] | None = None):
+        self._wait = wait
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+            self._wait = None
+
+    def is_completed(self) -> bool:
+        """True once :meth:`wait` has run (a synchronous collective's handle is born completed)."""
+        return self._wait is None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorldEnv:
+    """The standard launcher environment (torchrun, ``python -m hyper_parallel.launch``, msrun-compatible)."""
+
+    rank: int
+    """Global rank of this process (``RANK``)."""
+    world_size: int
+    """Number of processes (``WORLD_SIZE``)."""
+    local_rank: int
+    """Rank on this host, used to pick the device (``LOCAL_RANK``, default: ``rank``)."""
+    master_addr: str
+    """Host of the rendezvous store (``MASTER_ADDR``, default ``127.0.0.1``)."""
+    master_port: int
+    """Port of the rendezvous store (``MASTER_PORT``)."""
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> "WorldEnv":
+        """Read the world from ``environ`` (default ``os.environ``).
+
+        Raises:
+            ValueError: if RANK, WORLD_SIZE or MASTER_PORT is missing or not an integer, or rank is out of range.
+        """
+        env = os.environ if environ is None else environ
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(
+                f"init_process_group() needs the launcher environment; missing {missing}. Start the script with "
+                "`python -m hyper_parallel.launch --nproc N script.py` or torchrun"
+            )
+        try:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            port, local = int(env["MASTER_PORT"]), int(env.get("LOCAL_RANK", env["RANK"]))
+        except ValueError as e:
+            raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers: {e}") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK must satisfy 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
+        return cls(rank=rank, world_size=world, local_rank=local,
+                   master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
+
+
+class Platform(DifferentiableCollectives, abc.ABC):
+    """What a framework must provide to run the neutral core. One subclass per framework in ``platform_adapters``.
+
+    Collectives are out of place: they return a new tensor and never modify their input.
+    ``group=None`` always means the world group.
+    """
+
+    #: Dtype names this backend's collectives can carry; adapters narrow it.
+    collective_dtypes: tuple[str, ...] = ("int32", "int64", "float16", "bfloat16", "float32", "float64")
+
+    def __init__(self) -> None:
+        self._world: Group | None = None
+        self._rank: int | None = None
+        self._counters: list[collections.Counter] = []
+
+    # ------------------------------------------------------------------ identity
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The backend's name as ``HYPER_PARALLEL_PLATFORM`` spells it (``"torch"``, ``"mindspore"``, ...)."""
+
+    @property
+    @abc.abstractmethod
+    def device_type(self) -> str:
+        """Device kind the tensors of this process live on: ``"cpu"``, ``"cuda"``, ``"npu"``, ``"Ascend"``..."""
+
+    @property
+    @abc.abstractmethod
+    def dist_backend(self) -> str:
+        """The collective library in use: ``"gloo"``, ``"nccl"``, ``"hccl"``, ``"mccl"``."""
+
+    @property
+    @abc.abstractmethod
+    def Tensor(self) -> type:  # noqa: N802 - mirrors the framework's class name
+        """The framework's tensor class (for ``isinstance`` checks in neutral code)."""
+
+    @property
+    @abc.abstractmethod
+    def Parameter(self) -> type:  # noqa: N802
+        """The framework's trainable-parameter class."""
+
+    @property
+    @abc.abstractmethod
+    def Module(self) -> type:  # noqa: N802
+        """The framework's layer base class (``torch.nn.Module``, ``mindspore.nn.Cell``)."""
+
+    @abc.abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Version strings of the framework and its device/collective extensions, for diagnostics."""
+
+    # ------------------------------------------------------------------ process groups
+    def init_process_group(self, timeout_s: float = 300.0) -> Group:
+        """Join the world described by the launcher environment (see :class:`WorldEnv`) and return the world group.
+
+        Works under ``python -m hyper_parallel.launch``, torchrun, and (MindSpore) msrun. Calling it again in an
+        initialised process returns the world group unchanged.
+
+        Raises:
+            ValueError: if the launcher environment is missing or malformed.
+        """
+        if self._world is None:
+            env = self._read_world_env()
+            native = self._init_process_group(env, timeout_s)
+            self._rank = env.rank
+            self._world = Group(ranks=tuple(range(env.world_size)), native=native)
+        return self._world
+
+    def _read_world_env(self) -> WorldEnv:
+        return WorldEnv.from_environ()
+
+    def is_initialized(self) -> bool:
+        """Whether :meth:`init_process_group` has run in this process."""
+        return self._world is not None
+
+    def get_rank(self) -> int:
+        """Global rank of this process."""
+        self._require_world("get_rank")
+        return self._rank
+
+    def get_world_size(self) -> int:
+        """Number of processes in the world."""
+        return self._require_world("get_world_size").size
+
+    def new_group(self, ranks: Sequence[int]) -> Group:
+        """Create a process group of ``ranks``. EVERY rank of the world calls it, with the same arguments, in the
+        same order (the torch habit); frameworks that want members-only creation get it inside the adapter.
+
+        Raises:
+            ValueError: if ``ranks`` is empty, has duplicates, or names a rank outside the world.
+        """
+        world = self._require_world("new_group")
+        ranks = tuple(int(r) for r in ranks)
+        if not ranks or len(set(ranks)) != len(ranks) or not set(ranks) <= set(world.ranks):
+            raise ValueError(
+                f"new_group: ranks must be a non-empty list of distinct world ranks in [0, {world.size}), got "
+                f"{list(ranks)}"
+            )
+        if ranks == world.ranks:
+            return world
+        native = self._new_group(ranks, member=self._rank in ranks)
+        return Group(ranks=ranks, native=native if self._rank in ranks else None)
+
+    def group_rank(self, group: Group | None = None) -> int:
+        """This process's rank inside ``group``.
+
+        Raises:
+            ValueError: if this process is not a member.
+        """
+        group = self._group(group, "group_rank")
+        return group.ranks.index(self._rank)
+
+    def group_size(self, group: Group | None = None) -> int:
+        """Number of members of ``group``."""
+        return self._require_world("group_size").size if group is None else group.size
+
+    def group_ranks(self, group: Group | None = None) -> list[int]:
+        """Global ranks of the members of ``group``, in group-rank order."""
+        return list((self._require_world("group_ranks") if group is None else group).ranks)
+
+    def destroy_process_group(self) -> None:
+        """Leave the world. Some frameworks (MindSpore) cannot join another world in the same process afterwards."""
+        if self._world is not None:
+            self._destroy_process_group()
+            self._world = None
+            self._rank = None
+
+    def barrier(self, group: Group | None = None) -> None:
+        """Block until every member of ``group`` has reached the barrier (a real block on every backend)."""
+        group = self._group(group, "barrier")
+        self._record("barrier")
+        self._barrier(group)
+
+    # ------------------------------------------------------------------ collectives on plain tensors
+    def all_reduce(self, x, op: str = "sum", group: Group | None = None):
+        """Element-wise reduction of ``x`` over ``group``; ``op`` is ``"sum"``, ``"max"`` or ``"avg"``.
+
+        ``avg`` needs a floating dtype. Returns a new tensor; ``x`` is unchanged.
+        """
+        op = check.check_reduce_op(op)
+        group = self._collective_prologue("all_reduce", x, group)
+        if op == "avg" and not self.dtype_name(x.dtype).startswith(("float", "bfloat")):
+            raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {self.dtype_name(x.dtype)}")
+        return self._all_reduce(x, op, group)
+
+    def all_gather_into_tensor(self, x, group: Group | None = None):
+        """Concatenate every member's ``x`` along dim 0, in group-rank order. All inputs must share one shape."""
+        group = self._collective_prologue("all_gather_into_tensor", x, group)
+        return self._all_gather_into_tensor(x, group)
+
+    def reduce_scatter_tensor(self, x, op: str = "sum", group: Group | None = None):
+        """Reduce ``x`` over ``group`` and return this member's slice of dim 0 (``x.shape[0] / group size`` rows).
+
+        Raises:
+            ValueError: if dim 0 of ``x`` is not divisible by the group size.
+        """
+        op = check.check_reduce_op(op)
+        group = self._collective_prologue("reduce_scatter_tensor", x, group)
+        if x.shape[0] % group.size:
+            raise ValueError(
+                f"reduce_scatter_tensor: dim 0 ({x.shape[0]}) must be divisible by the group size ({group.size})"
+            )
+        return self._reduce_scatter_tensor(x, op, group)
+
+    def all_to_all_single(self, x, output_shape: Sequence[int] | None = None,
+                          input_split_sizes: Sequence[int] | None = None,
+                          output_split_sizes: Sequence[int] | None = None,
+                          *, group: Group | None = None, async_op: bool = False):
+        """Exchange rows: ``x[input offsets of j]`` goes to member ``j``; rows from member ``i`` land at
+        ``output offsets of i``. Split sizes may be uneven and may be zero.
+
+        Args:
+            x: tensor whose dim 0 is split by ``input_split_sizes``.
+            output_shape: shape of the result; defaults to ``x.shape`` with dim 0 = ``sum(output_split_sizes)``.
+            input_split_sizes: rows sent to each member (Python ints); ``None`` = even split.
+            output_split_sizes: rows received from each member; ``None`` = even split of ``output_shape[0]``.
+            group: the group to exchange in (``None`` = world).
+            async_op: if True, return before completion; call ``handle.wait()`` before reading the output.
+
+        Returns:
+            ``(output, handle)``; ``handle.wait()`` is a no-op for a synchronous call.
+
+        Raises:
+            ValueError: split sizes negative, of the wrong length, or not summing to the rows.
+        """
+        group = self._collective_prologue("all_to_all_single", x, group)
+        n = group.size
+        in_splits = check.check_splits(input_split_sizes, int(x.shape[0]), n, "input_split_sizes", "x.shape[0]")
+        if output_shape is None:
+            if output_split_sizes is None:
+                output_shape = tuple(x.shape)
+            else:
+                output_shape = (sum(int(s) for s in output_split_sizes), *x.shape[1:])
+        output_shape = check.check_output_shape(output_shape, tuple(x.shape))
+        out_splits = check.check_splits(output_split_sizes, output_shape[0], n, "output_split_sizes",
+                                        "output_shape[0]")
+        out, wait = self._all_to_all_single(x, output_shape, in_splits, out_splits, group, async_op)
+        handle = Handle(wait)
+        if not async_op:
+            handle.wait()
+        return out, handle
+
+    def broadcast(self, x, src: int = 0, group: Group | None = None):
+        """Return ``src``'s ``x`` on every member (``src`` is a GLOBAL rank, as in torch)."""
+        group = self._collective_prologue("broadcast", x, group)
+        if src not in group.ranks:
+            raise ValueError(f"broadcast: src rank {src} is not a member of the group with ranks {list(group.ranks)}")
+        return self._broadcast(x, src, group)
+
+    # ------------------------------------------------------------------ autograd
+    @abc.abstractmethod
+    def autograd_function(self, forward: Callable, backward: Callable) -> Callable:
+        """THE autograd primitive: build ``op(x)`` computing ``forward(x)`` whose gradient is ``backward(dy)``.
+
+        One tensor in, one tensor out; static arguments are bound in the closures. Every differentiable
+        collective is written once on top of it.
+
+        >>> double = p.autograd_function(lambda x: x * 2, lambda g: g * 2)   # doctest: +SKIP
+        """
+
+    @abc.abstractmethod
+    def value_and_grad(self, fn: Callable, inputs: Sequence, params: Sequence = ()) -> tuple:
+        """Evaluate ``fn(*inputs)`` (a scalar) and its gradients.
+
+        Returns:
+            ``(value, input_grads, param_grads)``: the grads are tuples matching ``inputs`` and ``params``.
+        """
+
+    # ------------------------------------------------------------------ tensor factories and host transfer
+    @abc.abstractmethod
+    def dtype(self, name: str):
+        """The native dtype for a neutral name in :data:`DTYPE_NAMES`.
+
+        Raises:
+            ValueError: for an unknown name (the message lists the valid names).
+        """
+
+    @abc.abstractmethod
+    def dtype_name(self, dtype) -> str:
+        """The neutral name of a native dtype (inverse of :meth:`dtype`)."""
+
+    @abc.abstractmethod
+    def arange(self, end: int, *, dtype: str = "int64", device=None):
+        """``[0, 1, ..., end-1]`` on ``device`` (default: this process's device)."""
+
+    @abc.abstractmethod
+    def zeros(self, shape: Sequence[int], *, dtype: str = "float32", device=None):
+        """A zero-filled tensor (zero-size shapes allowed)."""
+
+    @abc.abstractmethod
+    def empty(self, shape: Sequence[int], *, dtype: str = "float32", device=None):
+        """An uninitialised tensor (zero-size shapes allowed)."""
+
+    @abc.abstractmethod
+    def cat(self, tensors: Sequence, dim: int = 0):
+        """Concatenate along ``dim``; empty members are allowed. Differentiable."""
+
+    @abc.abstractmethod
+    def tensor(self, data: Sequence, *, dtype: str = "float32", device=None):
+        """A tensor built from a (nested) Python list, on ``device`` (default: this process's device)."""
+
+    def tolist(self, x) -> list:
+        """Copy ``x`` to the host as a (nested) Python list. This is the ONE device-to-host sync the neutral core
+        uses; it is counted as ``"host_sync"`` by :meth:`count_calls`."""
+        self._record("host_sync")
+        return self._tolist(x)
+
+    # ------------------------------------------------------------------ modules
+    @abc.abstractmethod
+    def register_forward_pre_hook(self, module, hook: Callable):
+        """Call ``hook(module, args)`` before ``module``'s forward; a non-None result replaces ``args`` (a tuple).
+        Returns a handle with ``remove()``."""
+
+    @abc.abstractmethod
+    def register_forward_hook(self, module, hook: Callable):
+        """Call ``hook(module, args, output)`` after forward; a non-None result replaces the output.
+        Returns a handle with ``remove()``."""
+
+    @abc.abstractmethod
+    def manual_seed(self, seed: int) -> None:
+        """Seed the framework's global random generator(s)."""
+
+    # ------------------------------------------------------------------ instrumentation
+    @contextlib.contextmanager
+    def count_calls(self) -> Iterator[collections.Counter]:
+        """Count the collectives (by name) and host syncs (``"host_sync"``) issued inside the block.
+
+        >>> with p.count_calls() as calls:                         # doctest: +SKIP
+        ...     y = p.all_reduce(x)
+        >>> calls["all_reduce"]                                    # doctest: +SKIP
+        1
+        """
+        counter: collections.Counter = collections.Counter()
+        self._counters.append(counter)
+        try:
+            yield counter
+        finally:
+            self._counters.remove(counter)
+
+    # ------------------------------------------------------------------ adapter hooks (not public)
+    def _record(self, what: str) -> None:
+        for c in self._counters:
+            c[what] += 1
+
+    def _require_world(self, what: str) -> Group:
+        if self._world is None:
+            raise RuntimeError(
+                f"{what}() called before init_process_group(); call "
+                "hyper_parallel.get_platform().init_process_group() first"
+            )
+        return self._world
+
+    def _group(self, group: Group | None, what: str) -> Group:
+        world = self._require_world(what)
+        if group is None:
+            return world
+        if not isinstance(group, Group):
+            raise TypeError(f"{what}: group must be a hyper_parallel Group or None, got {type(group).__name__}")
+        check.check_group_member(self._rank, group.ranks, what)
+        return group
+
+    def _collective_prologue(self, what: str, x, group: Group | None) -> Group:
+        group = self._group(group, what)
+        if not isinstance(x, self.Tensor):
+            raise TypeError(f"{what}: expected a {self.Tensor.__name__}, got {type(x).__name__}")
+        check.check_dtype(self.dtype_name(x.dtype), self.collective_dtypes, self.dist_backend, what)
+        self._record(what)
+        return group
+
+    @abc.abstractmethod
+    def _init_process_group(self, env: WorldEnv, timeout_s: float) -> Any:
+        """Join the world; return the native world-group handle."""
+
+    @abc.abstractmethod
+    def _new_group(self, ranks: tuple[int, ...], member: bool) -> Any:
+        """Create the native group; called on every rank, ``member`` says whether this one belongs."""
+
+    @abc.abstractmethod
+    def _destroy_process_group(self) -> None: ...
+
+    @abc.abstractmethod
+    def _barrier(self, group: Group) -> None: ...
+
+    @abc.abstractmethod
+    def _all_reduce(self, x, op: str, group: Group): ...
+
+    @abc.abstractmethod
+    def _all_gather_into_tensor(self, x, group: Group): ...
+
+    @abc.abstractmethod
+    def _reduce_scatter_tensor(self, x, op: str, group: Group): ...
+
+    @abc.abstractmethod
+    def _all_to_all_single(self, x, output_shape: tuple[int, ...], input_splits: list[int],
+                           output_splits: list[int], group: Group, async_op: bool):
+        """Return ``(output, wait)``; ``wait`` is a callable completing the op, or None when already complete."""
+
+    @abc.abstractmethod
+    def _broadcast(self, x, src: int, group: Group): ...
+
+    @abc.abstractmethod
+    def _tolist(self, x) -> list: ...
