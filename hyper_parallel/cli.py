@@ -1,0 +1,76 @@
+"""The ``hyper-parallel`` command.
+
+``hyper-parallel info [--json]``: the resolved backend, installed framework versions, the device, which adapters can
+be imported, and the launcher environment this process sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import sys
+from typing import Sequence
+
+from hyper_parallel import _select
+
+WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MS_ROLE", _select.ENV_VAR)
+_DISTRIBUTIONS = {"torch": "torch", "torch_npu": "torch-npu", "mindspore": "mindspore"}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info() -> dict:
+    """Everything ``hyper-parallel info`` reports, as a dict. Loads the resolved backend's framework."""
+    info: dict = {
+        "hyper_parallel": _version("hyper-parallel") or "source tree",
+        "python": sys.version.split()[0],
+        "frameworks": {name: _version(dist) for name, dist in _DISTRIBUTIONS.items()},
+        "adapters_importable": _select.available_backends(),
+        "world_env": {k: os.environ[k] for k in WORLD_VARS if k in os.environ},
+    }
+    try:
+        name = _select.resolve_backend_name()
+        platform = _select.load_platform_class(name)()
+        info["backend"] = {"name": name, "device_type": platform.device_type,
+                           "dist_backend": platform.dist_backend, "versions": platform.versions()}
+    except (ValueError, ImportError) as e:
+        info["backend"] = {"error": str(e)}
+    return info
+
+
+def _print_info(info: dict) -> None:
+    backend = info["backend"]
+    print(f"hyper_parallel    {info['hyper_parallel']} (python {info['python']})")
+    if "error" in backend:
+        print(f"backend           unavailable: {backend['error']}")
+    else:
+        print(f"backend           {backend['name']} on {backend['device_type']}, collectives via "
+              f"{backend['dist_backend']}")
+    for name, ok in info["adapters_importable"].items():
+        version = info["frameworks"].get(name)
+        print(f"adapter {name:<10}{'importable' if ok else 'not installed'}{f' ({version})' if version else ''}")
+    env = info["world_env"]
+    print("world env         " + (" ".join(f"{k}={v}" for k, v in env.items()) or "(none: single process)"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyper-parallel", description="Mixture-of-Experts parallelism toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="show the resolved backend, framework versions, device and world env")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        data = collect_info()
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            _print_info(data)
+        return 0 if "error" not in data["backend"] else 2
+    return 2  # pragma: no cover - argparse rejects unknown commands
