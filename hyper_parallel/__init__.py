@@ -5,8 +5,36 @@ Importing this package imports no deep-learning framework; the backend is resolv
 """
 
 from hyper_parallel._select import ENV_VAR, available_backends, get_platform
+from hyper_parallel.dtensor import (
+    DeviceMesh,
+    DTensor,
+    ParameterSpec,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_parameter,
+    distribute_tensor,
+    full_parameter,
+    get_parameter_spec,
+    init_device_mesh,
+)
+from hyper_parallel.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
 from hyper_parallel.platform import Group, Handle, Platform
 
 __version__ = "0.1.0"
 
-__all__ = ["ENV_VAR", "Group", "Handle", "Platform", "available_backends", "get_platform", "__version__"]
+__all__ = [
+    "ENV_VAR", "ColwiseParallel", "DTensor", "DeviceMesh", "Group", "Handle", "ParallelStyle", "ParameterSpec",
+    "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
+    "Shard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",
+    "full_parameter", "get_parameter_spec", "get_platform", "init_device_mesh", "parallelize_module", "__version__",
+]

@@ -383,6 +383,20 @@ class Platform(DifferentiableCollectives, abc.ABC):
 
     # ------------------------------------------------------------------ modules
     @abc.abstractmethod
+    def named_modules(self, module) -> list:
+        """``[(qualified_name, submodule), ...]`` depth-first, the root first with name ``""``."""
+
+    @abc.abstractmethod
+    def named_parameters(self, module) -> list:
+        """``[(qualified_name, parameter), ...]`` of ``module`` and its submodules (``"sub.weight"``)."""
+
+    @abc.abstractmethod
+    def replace_parameter(self, module, name: str, tensor):
+        """Make ``module.<name>`` a new Parameter holding ``tensor`` (keeping ``requires_grad``); return it.
+
+        This is how a parameter comes to hold its local shard."""
+
+    @abc.abstractmethod
     def register_forward_pre_hook(self, module, hook: Callable):
         """Call ``hook(module, args)`` before ``module``'s forward; a non-None result replaces ``args`` (a tuple).
         Returns a handle with ``remove()``."""

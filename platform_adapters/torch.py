@@ -194,6 +194,18 @@ class TorchPlatform(Platform):
         return x.detach().cpu().tolist()
 
     # ------------------------------------------------------------------ modules
+    def named_modules(self, module) -> list:
+        return list(module.named_modules())
+
+    def named_parameters(self, module) -> list:
+        return list(module.named_parameters())
+
+    def replace_parameter(self, module, name: str, tensor):
+        old = getattr(module, name)
+        param = torch.nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad)
+        setattr(module, name, param)
+        return param
+
     def register_forward_pre_hook(self, module, hook: Callable):
         return module.register_forward_pre_hook(hook)
 

@@ -1,0 +1,147 @@
+"""DTensor: a local shard plus the mesh, placements and global shape that give it meaning.
+
+Unlike ``torch.distributed.tensor.DTensor`` this is a plain object, not a tensor subclass (a subclass cannot be
+framework-neutral): arithmetic happens on ``to_local()`` tensors, and layouts change only through
+:meth:`DTensor.redistribute`. Gradients flow through ``from_local``, ``redistribute``, ``full_tensor`` and
+``to_local`` with the placements' meaning.
+
+>>> d = distribute_tensor(x, mesh, [Shard(0)])          # doctest: +SKIP
+>>> d.redistribute(mesh, [Replicate()]).to_local()      # the full tensor on every rank  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hyper_parallel._select import get_platform
+from hyper_parallel.dtensor._redistribute import grad_placements_of, local_shape, redistribute, redistribute_local
+from hyper_parallel.dtensor.device_mesh import DeviceMesh, _group_of
+from hyper_parallel.dtensor.placement import Placement, Replicate, Shard
+
+__all__ = ["DTensor", "distribute_tensor"]
+
+
+def normalize_placements(placements: Sequence[Placement], mesh: DeviceMesh, ndim: int) -> tuple[Placement, ...]:
+    """Check ``placements`` against ``mesh`` and a tensor of ``ndim`` dims; make Shard dims non-negative.
+
+    Raises:
+        ValueError: wrong length, Shard dim out of range, or one tensor dim sharded on two mesh axes.
+        TypeError: an entry that is not a Placement.
+    """
+    placements = tuple(placements)
+    if len(placements) != mesh.ndim:
+        raise ValueError(f"placements must have one entry per mesh axis ({mesh.ndim}), got {len(placements)}: "
+                         f"{list(placements)}")
+    out = []
+    for p in placements:
+        if not isinstance(p, Placement):
+            raise TypeError(f"placements must be Shard/Replicate/Partial, got {p!r}")
+        if p.is_shard():
+            if not -ndim <= p.dim < ndim:
+                raise ValueError(f"Shard(dim={p.dim}) is out of range for a {ndim}-D tensor; valid dims: "
+                                 f"[{-ndim}, {ndim})")
+            p = Shard(p.dim % ndim)
+        out.append(p)
+    dims = [p.dim for p in out if p.is_shard()]
+    if len(dims) != len(set(dims)):
+        raise ValueError(f"each tensor dim may be sharded on one mesh axis only, got {out}")
+    return tuple(out)
+
+
+class DTensor:
+    """A distributed tensor: this rank's ``local`` shard + ``device_mesh`` + ``placements`` + global ``shape``.
+
+    Create one with :meth:`from_local` or :func:`distribute_tensor`.
+    """
+
+    def __init__(self, local, device_mesh: DeviceMesh, placements: tuple[Placement, ...], shape: tuple[int, ...]):
+        self._local, self.device_mesh, self.placements, self.shape = local, device_mesh, placements, shape
+
+    @classmethod
+    def from_local(cls, local, device_mesh: DeviceMesh, placements: Sequence[Placement], *,
+                   shape: Sequence[int] | None = None) -> "DTensor":
+        """Wrap this rank's shard. No communication.
+
+        Args:
+            shape: the global shape; needed for uneven shards. Without it, every Shard dim is taken to be even
+                (local size times the axis size), as torch does.
+        """
+        placements = normalize_placements(placements, device_mesh, len(local.shape))
+        if shape is None:
+            shape = list(local.shape)
+            for axis, p in enumerate(placements):
+                if p.is_shard():
+                    shape[p.dim] *= device_mesh.size(axis)
+        shape = tuple(int(s) for s in shape)
+        expected = local_shape(shape, device_mesh, placements)
+        if tuple(local.shape) != expected:
+            raise ValueError(f"local shard shape {list(local.shape)} does not match global shape {list(shape)} "
+                             f"under {list(placements)}: expected {list(expected)} on this rank")
+        return cls(local, device_mesh, placements, shape)
+
+    def to_local(self, grad_placements: Sequence[Placement] | None = None):
+        """This rank's shard. ``grad_placements`` says how the gradient of the returned tensor is laid out, e.g.
+        ``[Partial()]`` when each rank's gradient is partial: it is then reduced to this DTensor's layout in
+        backward (an all-reduce for Replicate)."""
+        if grad_placements is None:
+            return self._local
+        src = normalize_placements(grad_placements, self.device_mesh, len(self.shape))
+        dst = grad_placements_of(self.placements)
+        if src == dst:
+            return self._local
+        mesh, shape = self.device_mesh, self.shape
+        return get_platform().autograd_function(
+            lambda t: t, lambda g: redistribute_local(g, mesh, src, dst, shape))(self._local)
+
+    def redistribute(self, device_mesh: DeviceMesh | None = None,
+                     placements: Sequence[Placement] | None = None) -> "DTensor":
+        """The same global tensor under ``placements`` (see the transition table in ``_redistribute``)."""
+        mesh = device_mesh or self.device_mesh
+        if mesh != self.device_mesh:
+            raise ValueError(f"redistribute across meshes is not supported: {self.device_mesh} -> {mesh}")
+        placements = normalize_placements(placements if placements is not None else self.placements, mesh,
+                                          len(self.shape))
+        local = redistribute(self._local, mesh, self.placements, placements, self.shape)
+        return DTensor(local, mesh, placements, self.shape)
+
+    def full_tensor(self):
+        """The whole tensor on every rank (differentiable)."""
+        return self.redistribute(placements=[Replicate()] * self.device_mesh.ndim).to_local()
+
+    @property
+    def dtype(self):
+        return self._local.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return (f"DTensor(shape={list(self.shape)}, placements={list(self.placements)}, "
+                f"local_shape={list(self._local.shape)}, mesh={self.device_mesh})")
+
+
+def distribute_tensor(tensor, device_mesh: DeviceMesh, placements: Sequence[Placement], *,
+                      src_data_rank: int | None = 0) -> DTensor:
+    """Lay out a full ``tensor`` over ``device_mesh``. Every rank of the world calls it.
+
+    Args:
+        src_data_rank: global rank whose ``tensor`` is the truth; it is broadcast to the mesh first. ``None``
+            uses each rank's own ``tensor`` without communication (they must agree).
+
+    Partial placements put the value on the first rank of the axis and zeros on the others.
+    """
+    p = get_platform()
+    placements = normalize_placements(placements, device_mesh, len(tensor.shape))
+    if src_data_rank is not None:
+        if src_data_rank not in device_mesh.ranks:
+            raise ValueError(f"src_data_rank {src_data_rank} is not in the mesh (ranks {list(device_mesh.ranks)})")
+        tensor = p.broadcast(tensor, src=src_data_rank, group=_group_of(tuple(sorted(device_mesh.ranks))))
+    shape = tuple(tensor.shape)
+    start = tuple(Replicate() for _ in placements)
+    target = tuple(Replicate() if q.is_partial() else q for q in placements)
+    local = redistribute_local(tensor, device_mesh, start, target, shape)
+    for axis, q in enumerate(placements):
+        if q.is_partial() and device_mesh.get_local_rank(axis) != 0:
+            local = local * 0
+    return DTensor(local, device_mesh, placements, shape)

@@ -1,0 +1,232 @@
+"""DTensor cases run on every rank: results and gradients against the full tensor computed on the host."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hyper_parallel import (
+    ColwiseParallel,
+    DTensor,
+    Partial,
+    Replicate,
+    RowwiseParallel,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+    full_parameter,
+    get_parameter_spec,
+    get_platform,
+    init_device_mesh,
+    parallelize_module,
+)
+from hyper_parallel.dtensor.placement import chunk_offsets, chunk_sizes
+from tests.cases.errors import _raises
+
+PLACEMENTS = {"S0": Shard(0), "S1": Shard(1), "R": Replicate(), "P": Partial()}
+
+
+def _p():
+    return get_platform()
+
+
+def _t(a: np.ndarray):
+    p = _p()
+    return p.tensor(a.tolist(), dtype="float32") if a.size else p.zeros(a.shape)
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(_p().tolist(x), dtype=np.float64).reshape(tuple(x.shape))
+
+
+def np_local(full: np.ndarray, mesh, placements, partial_scale: bool = True) -> np.ndarray:
+    """This rank's piece of ``full`` under ``placements``; a Partial axis holds a share ``(k+1)/sum`` of it."""
+    out = full
+    for axis, pl in enumerate(placements):
+        n, k = mesh.size(axis), mesh.get_local_rank(axis)
+        if pl.is_shard():
+            start, size = chunk_offsets(full.shape[pl.dim], n)[k], chunk_sizes(full.shape[pl.dim], n)[k]
+            out = np.take(out, range(start, start + size), axis=pl.dim)
+        elif pl.is_partial() and partial_scale:
+            out = out * (k + 1) / (n * (n + 1) / 2)
+    return out
+
+
+def _grad_layout(placements):
+    return [Replicate() if pl.is_partial() else pl for pl in placements]
+
+
+def redistribute_pairs(mesh_shape, shape, pairs):
+    """Every ``(src, dst)`` pair: forward equals the full tensor laid out under dst, backward the loss gradient
+    laid out under src."""
+    p = _p()
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=tuple("ab"[: len(mesh_shape)]))
+    rng = np.random.RandomState(0)
+    full = rng.randn(*shape)
+    weights = rng.randn(*shape)  # the loss is sum(weights * y)
+    checked = []
+    for src_names, dst_names in pairs:
+        src, dst = [PLACEMENTS[n] for n in src_names], [PLACEMENTS[n] for n in dst_names]
+        what = f"{src_names}->{dst_names} on mesh {list(mesh_shape)}, shape {list(shape)}"
+        x = _t(np_local(full, mesh, src))
+        w = _t(np_local(weights, mesh, dst, partial_scale=False))
+
+        def loss(t):
+            d = DTensor.from_local(t, mesh, src, shape=shape).redistribute(mesh, dst)
+            assert d.shape == tuple(shape) and d.placements == tuple(dst)
+            return (d.to_local() * w).sum()
+
+        y = DTensor.from_local(x, mesh, src, shape=shape).redistribute(mesh, dst).to_local()
+        np.testing.assert_allclose(_host(y), np_local(full, mesh, dst), rtol=1e-5, atol=1e-6, err_msg=what)
+        _, (g,), _ = p.value_and_grad(loss, [x])
+        np.testing.assert_allclose(_host(g), np_local(weights, mesh, _grad_layout(src)), rtol=1e-5, atol=1e-6,
+                                   err_msg=what + " (gradient)")
+        checked.append(what)
+    return len(checked)
+
+
+def full_tensor_and_distribute(mesh_shape, shape):
+    p = _p()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    rank = p.get_rank()
+    full = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    layouts = [[Shard(0)], [Shard(1)], [Replicate()]] if len(mesh_shape) == 1 else \
+        [[Shard(0), Shard(1)], [Replicate(), Shard(0)], [Shard(1), Replicate()]]
+    for placements in layouts:
+        # src_data_rank=0: rank 0's tensor is the truth, the others' (different) data is ignored
+        d = distribute_tensor(_t(full * (1 + rank)), mesh, placements, src_data_rank=0)
+        np.testing.assert_allclose(_host(d.to_local()), np_local(full, mesh, placements), err_msg=str(placements))
+        np.testing.assert_allclose(_host(d.full_tensor()), full, err_msg=f"full_tensor {placements}")
+        # src_data_rank=None: no communication, each rank slices its own tensor
+        d = distribute_tensor(_t(full * (1 + rank)), mesh, placements, src_data_rank=None)
+        np.testing.assert_allclose(_host(d.to_local()), np_local(full * (1 + rank), mesh, placements))
+    d = distribute_tensor(_t(full), mesh, [Partial()] + [Replicate()] * (len(mesh_shape) - 1))
+    np.testing.assert_allclose(_host(d.full_tensor()), full)
+    return True
+
+
+def to_local_partial_gradient():
+    """A Replicate DTensor whose local gradient is declared Partial: backward all-reduces it."""
+    p = _p()
+    mesh = init_device_mesh("cpu", (p.get_world_size(),))
+    rank, world = p.get_rank(), p.get_world_size()
+    x = _t(np.ones((2, 3)))
+    w = _t(np.full((2, 3), rank + 1.0))
+    _, (g,), _ = p.value_and_grad(
+        lambda t: (DTensor.from_local(t, mesh, [Replicate()]).to_local(grad_placements=[Partial()]) * w).sum(), [x])
+    np.testing.assert_allclose(_host(g), np.full((2, 3), world * (world + 1) / 2))
+    with p.count_calls() as calls:
+        p.value_and_grad(lambda t: (DTensor.from_local(t, mesh, [Replicate()]).to_local() * w).sum(), [x])
+    assert calls["all_reduce"] == 0
+    return True
+
+
+def mesh_api():
+    p = _p()
+    rank = p.get_rank()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
+    assert mesh.ndim == 2 and mesh.shape == (2, 2) and mesh.size() == 4 and mesh.size("tp") == 2
+    assert mesh.get_coordinate() == [rank // 2, rank % 2]
+    assert mesh.get_local_rank("ep") == rank // 2 and mesh.get_local_rank(1) == rank % 2
+    assert p.group_ranks(mesh.get_group("tp")) == [2 * (rank // 2), 2 * (rank // 2) + 1]
+    assert p.group_ranks(mesh.get_group("ep")) == [rank % 2, rank % 2 + 2]
+    ep = mesh["ep"]
+    assert ep.ndim == 1 and ep.ranks == (rank % 2, rank % 2 + 2) and ep.get_group() is mesh.get_group("ep")
+    swapped = mesh["tp", "ep"]
+    assert swapped.shape == (2, 2) and swapped.get_coordinate() == [rank % 2, rank // 2]
+    assert swapped.get_group("ep") is mesh.get_group("ep")
+    again = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
+    assert again.get_group("tp") is mesh.get_group("tp"), "groups must be created once and cached"
+    assert "ep" in repr(mesh)
+    _raises(ValueError, r"no axis named 'dp'; its axes are \['ep', 'tp'\]", mesh.__getitem__, "dp")
+    _raises(ValueError, r"product equals the world size \(4\); got product 6", init_device_mesh, "cpu", (2, 3))
+    _raises(ValueError, r"needs an axis on a 2-D mesh", mesh.get_group)
+    _raises(ValueError, r"2 distinct names", init_device_mesh, "cpu", (2, 2), mesh_dim_names=("x", "x"))
+    return True
+
+
+def dtensor_errors():
+    p = _p()
+    world = p.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    x = _t(np.ones((world, 2)))
+    _raises(ValueError, r"one entry per mesh axis \(1\), got 2", DTensor.from_local, x, mesh, [Shard(0), Shard(1)])
+    _raises(ValueError, r"Shard\(dim=2\) is out of range for a 2-D tensor; valid dims: \[-2, 2\)",
+            DTensor.from_local, x, mesh, [Shard(2)])
+    d = DTensor.from_local(x, mesh, [Replicate()])
+    _raises(ValueError, r"redistribute to Partial is not supported", d.redistribute, mesh, [Partial()])
+    _raises(ValueError, r"local shard shape \[%d, 2\] does not match global shape \[1, 2\]" % world,
+            DTensor.from_local, x, mesh, [Shard(0)], shape=(1, 2))
+    _raises(ValueError, r"Partial supports reduce_op='sum' only, got 'max'", Partial, "max")
+    _raises(TypeError, r"Shard\(dim\) takes an int", Shard, "0")
+    assert repr(Shard(0)) == "Shard(dim=0)" and repr(Replicate()) == "Replicate()"
+    assert repr(Partial()) == "Partial(reduce_op='sum')"
+    module = make_mlp(4, 8, 4)
+    distribute_module(module, mesh)
+    _raises(ValueError, r"already distributed", distribute_module, module, mesh)
+    _raises(ValueError, r"matches no submodule; submodules: \['w1', 'w2'\]", parallelize_module, make_mlp(4, 8, 4),
+            mesh, {"w3": ColwiseParallel()})
+    return True
+
+
+def make_mlp(dim: int, hidden: int, out: int, seed: int = 0):
+    """``w2(relu(w1(x)))`` with seeded weights, as a torch Module or a MindSpore Cell."""
+    p = _p()
+    rng = np.random.RandomState(seed)
+    w1, b1 = rng.randn(hidden, dim) / np.sqrt(dim), rng.randn(hidden) * 0.1
+    w2, b2 = rng.randn(out, hidden) / np.sqrt(hidden), rng.randn(out) * 0.1
+    if p.name == "mindspore":
+        import mindspore
+
+        class MLP(mindspore.nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.w1 = mindspore.nn.Dense(dim, hidden)
+                self.w2 = mindspore.nn.Dense(hidden, out)
+
+            def construct(self, x):
+                return self.w2(mindspore.ops.relu(self.w1(x)))
+    else:
+        import torch
+
+        class MLP(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w1 = torch.nn.Linear(dim, hidden)
+                self.w2 = torch.nn.Linear(hidden, out)
+
+            def forward(self, x):
+                return self.w2(torch.relu(self.w1(x)))
+    model = MLP()
+    for name, value in (("w1.weight", w1), ("w1.bias", b1), ("w2.weight", w2), ("w2.bias", b2)):
+        sub, attr = name.split(".")
+        p.replace_parameter(getattr(model, sub), attr, _t(value))
+    return model
+
+
+def mlp_colwise_rowwise(hidden: int):
+    """Colwise then Rowwise equals the single-device MLP: output, input gradient and every parameter gradient."""
+    p = _p()
+    mesh = init_device_mesh("cpu", (p.get_world_size(),))
+    x = _t(np.random.RandomState(1).randn(5, 6))
+    ref = make_mlp(6, hidden, 3)
+    ref_names = [n for n, _ in p.named_parameters(ref)]
+    ref_val, (ref_gx,), ref_g = p.value_and_grad(lambda t: (ref(t) ** 2).sum(), [x],
+                                                 [q for _, q in p.named_parameters(ref)])
+    model = parallelize_module(make_mlp(6, hidden, 3), mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+    params = [q for _, q in p.named_parameters(model)]
+    with p.count_calls() as forward_calls:
+        model(x)
+    assert dict(forward_calls) == {"all_reduce": 1}, dict(forward_calls)
+    with p.count_calls() as calls:
+        val, (gx,), grads = p.value_and_grad(lambda t: (model(t) ** 2).sum(), [x], params)
+    assert calls["all_reduce"] == 2 and sum(calls.values()) == 2, dict(calls)
+    np.testing.assert_allclose(_host(val), _host(ref_val), rtol=1e-5)
+    np.testing.assert_allclose(_host(gx), _host(ref_gx), rtol=1e-5, atol=1e-6)
+    for name, q, g, rg in zip(ref_names, params, grads, ref_g):
+        spec = get_parameter_spec(q)
+        assert spec is not None and tuple(spec.shape) == tuple(rg.shape), name
+        local_ref = np_local(_host(rg), mesh, spec.placements)
+        np.testing.assert_allclose(_host(g), local_ref, rtol=1e-5, atol=1e-6, err_msg=f"grad of {name}")
+    for (name, q), (_, rq) in zip(p.named_parameters(model), p.named_parameters(ref)):
+        np.testing.assert_allclose(_host(full_parameter(q)), _host(rq), rtol=1e-6, err_msg=f"full {name}")
+    return True

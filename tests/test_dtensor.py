@@ -1,0 +1,72 @@
+"""DeviceMesh / DTensor / parallel styles on every backend, at 2 and 4 ranks, 1-D and 2x2 meshes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tests.cases import dtensor_cases as d
+
+ONE_D = [(s, t) for s, t in itertools.product(["S0", "S1", "R", "P"], ["S0", "S1", "R"]) if s != t]
+
+
+def _two_d_pairs():
+    """Each 1-D transition on axis 0 and on axis 1 of a 2x2 mesh, the other axis fixed, plus two-axis moves."""
+    pairs = []
+    for axis, (s, t) in itertools.product((0, 1), ONE_D):
+        for other in ("R", "S0", "S1", "P"):
+            if other[0] == "S" and other in (s, t):
+                continue  # one tensor dim is sharded on one mesh axis only
+            src, dst = [other, other], [other, other]
+            src[axis], dst[axis] = s, t
+            if "P" in dst:
+                continue
+            pairs.append((tuple(src), tuple(dst)))
+    pairs += [(("S0", "S1"), ("S1", "S0")), (("P", "P"), ("R", "R")), (("P", "S1"), ("S0", "R")),
+              (("S0", "S1"), ("R", "R")), (("R", "R"), ("S1", "S0"))]
+    return pairs
+
+
+SHAPES = [(8, 4), (7, 6), (5, 3)]  # even; uneven (7 rows over 4 ranks); a rank with an empty shard (5 over 4)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_redistribute_1d(worlds, backend, nproc, shape):
+    pairs = [((s,), (t,)) for s, t in ONE_D]
+    assert worlds.run(backend, nproc, d.redistribute_pairs, (nproc,), shape, pairs)[0] == len(pairs)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_redistribute_2x2(worlds, backend, shape):
+    pairs = _two_d_pairs()
+    assert worlds.run(backend, 4, d.redistribute_pairs, (2, 2), shape, pairs)[0] == len(pairs)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_distribute_tensor_and_full_tensor(worlds, backend, mesh_shape):
+    nproc = 1
+    for s in mesh_shape:
+        nproc *= s
+    worlds.run(backend, nproc, d.full_tensor_and_distribute, mesh_shape, (7, 5))
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_to_local_with_partial_gradient(worlds, backend, nproc):
+    worlds.run(backend, nproc, d.to_local_partial_gradient)
+
+
+def test_device_mesh(worlds, backend):
+    worlds.run(backend, 4, d.mesh_api)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_errors(worlds, backend, nproc):
+    worlds.run(backend, nproc, d.dtensor_errors)
+
+
+@pytest.mark.parametrize("hidden", [8, 7], ids=["even", "uneven"])
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_mlp_colwise_rowwise_matches_single_device(worlds, backend, nproc, hidden):
+    worlds.run(backend, nproc, d.mlp_colwise_rowwise, hidden)
