@@ -8,7 +8,7 @@ with its rank, and supervises the world:
 
 * all ranks exit 0: exit 0;
 * a rank fails: every other rank is stopped, the failing rank's last output (its traceback) is shown again, and the
-  launcher exits with that rank's exit code;
+  launcher exits with that rank's exit code (128 + N for a rank killed by signal N);
 * the timeout passes: every rank is stopped and the launcher exits with 124.
 
 Each rank runs in its own process group, so stopping a rank also stops anything it spawned: no orphans.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import signal
 import socket
@@ -100,8 +101,8 @@ def launch(script_and_args: Sequence[str], nproc: int, backend: str | None = Non
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc!r}")
-    if timeout_s <= 0:
-        raise ValueError(f"--timeout must be positive seconds, got {timeout_s!r}")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"--timeout must be a positive, finite number of seconds, got {timeout_s!r}")
     if not script_and_args:
         raise ValueError("no script given: python -m hyper_parallel.launch --nproc N script.py [args...]")
     out = out or sys.stdout
@@ -131,7 +132,7 @@ def launch(script_and_args: Sequence[str], nproc: int, backend: str | None = Non
                   f"stopped. Last output of rank {failed.rank}:\n")
         out.writelines(f"  | {line}" for line in failed.tail)
         out.flush()
-        return code if code > 0 else 1
+        return code if code > 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     if any(r.proc.returncode != 0 for r in ranks):
         out.write(f"\nhyper_parallel.launch: timed out after {timeout_s:g} s; all {nproc} ranks were stopped.\n")
         out.flush()

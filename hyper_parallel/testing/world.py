@@ -106,9 +106,16 @@ class World:
         if not self.alive:
             self.stop()
             self.start()
-        for conn in self._conns:
-            conn.send((fn, args, kwargs))
+        try:
+            for conn in self._conns:
+                conn.send((fn, args, kwargs))
+        except OSError:  # a worker died since the last case: start afresh and send again
+            self.stop(graceful=False)
+            self.start()
+            for conn in self._conns:
+                conn.send((fn, args, kwargs))
         replies: dict[int, tuple] = {}
+        dead = False
         deadline = time.monotonic() + timeout_s
         while len(replies) < self.nproc:
             waiting = [c for r, c in enumerate(self._conns) if r not in replies]
@@ -120,14 +127,15 @@ class World:
                     replies[self._conns.index(conn)] = conn.recv()
                 except EOFError:
                     replies[self._conns.index(conn)] = ("err", "worker process exited:\n" + self._collect_logs())
+                    dead = True
             # Once a rank has failed, its peers may be stuck in a collective it never joined: give them
             # a short grace period rather than the full timeout.
             if any(kind == "err" for kind, _ in replies.values()):
                 deadline = min(deadline, time.monotonic() + 10.0)
         errors = {r: body for r, (kind, body) in sorted(replies.items()) if kind == "err"}
         missing = [r for r in range(self.nproc) if r not in replies]
-        if missing:
-            self.stop()
+        if missing or dead:
+            self.stop(graceful=False)
         name = getattr(fn, "__qualname__", repr(fn))
         if errors:
             text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
@@ -138,14 +146,17 @@ class World:
                                f"{timeout_s:g} s (a hung collective?); the world was stopped")
         return [replies[r][1] for r in range(self.nproc)]
 
-    def stop(self) -> None:
-        """Ask the workers to exit (they flush coverage data), then make sure they are gone."""
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the workers to exit (they flush coverage data), then make sure they are gone.
+
+        ``graceful=False`` (a rank is stuck or dead) skips the wait: the workers are terminated at once.
+        """
         for conn in self._conns:
             try:
                 conn.send(None)
             except OSError:
                 pass
-        deadline = time.monotonic() + 20.0
+        deadline = time.monotonic() + (20.0 if graceful else 0.0)
         for proc in self._procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

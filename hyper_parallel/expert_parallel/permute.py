@@ -1,0 +1,137 @@
+"""Token permutation between the rank-major order an all-to-all delivers and the expert-major order experts want.
+
+Pure index math on the platform's tensors: the device work is a fixed sequence of cumsum / repeat_interleave /
+arange / indexing ops, with no Python loop over experts or ranks and no ``.item()``. The host already knows every
+count (dispatch syncs them once, for the all-to-all split sizes), so it derives the totals the index build needs
+as Python ints.
+
+Shape legend: ``R`` ranks of the EP group, ``E`` local experts, ``T`` tokens received (``sum`` of the counts),
+``P`` rows after alignment padding (``P == T`` when ``align == 1``), ``D`` hidden size.
+
+After the token all-to-all, rows arrive rank-major::
+
+    [rank0: expert0 | expert1 | ...][rank1: expert0 | expert1 | ...] ...
+
+Experts want them expert-major, each expert's group optionally padded to a multiple of ``align`` rows (grouped GEMM
+kernels want 8/16/32)::
+
+    [expert0: rank0 | rank1 | ... | pad][expert1: rank0 | rank1 | ... | pad] ...
+
+With ``align > 1`` every expert gets at least ``align`` rows, empty experts included, and padded slots read an
+appended zero row, so they contribute nothing and receive no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from hyper_parallel._select import get_platform
+
+__all__ = ["PermuteIndices", "aligned_counts", "build_permute_indices", "permute", "unpermute"]
+
+ALIGNMENTS = (1, 8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PermuteIndices:
+    """Everything :func:`permute` and :func:`unpermute` need, built once per dispatch."""
+
+    source_row_P: object
+    """For each expert-major slot, the rank-major row it reads; ``T`` (the appended zero row) for padding."""
+    slot_of_row_T: object
+    """For each rank-major row, its slot in the expert-major buffer (the inverse, used by unpermute)."""
+    num_tokens_per_expert: tuple[int, ...]
+    """Rows per local expert after padding (host ints); what the experts consume."""
+    expert_offsets: tuple[int, ...]
+    """Start slot of each expert's group (host ints)."""
+    num_rows: int
+    """``T``: rows received."""
+    num_slots: int
+    """``P``: rows after padding."""
+
+
+def aligned_counts(tokens_per_expert: Sequence[int], align: int) -> list[int]:
+    """Rows each expert occupies: its tokens rounded up to ``align``, and at least ``align`` when ``align > 1``.
+
+    >>> aligned_counts([0, 3, 8, 9], 8)
+    [8, 8, 8, 16]
+    """
+    if align == 1:
+        return list(tokens_per_expert)
+    return [max(align, -(-t // align) * align) for t in tokens_per_expert]
+
+
+def _check(counts: Sequence[int], num_ranks: int, num_local_experts: int, align: int) -> None:
+    if len(counts) != num_ranks * num_local_experts:
+        raise ValueError(f"counts must have num_ranks * num_local_experts = {num_ranks} * {num_local_experts} = "
+                         f"{num_ranks * num_local_experts} entries (rank-major), got {len(counts)}")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"token counts must be non-negative, got {list(counts)}")
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {list(ALIGNMENTS)}, got {align!r}")
+
+
+def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: int, num_local_experts: int, *,
+                          align: int = 1) -> PermuteIndices:
+    """Build the rank-major -> expert-major permutation.
+
+    Args:
+        counts_RE: int64 tensor ``[R*E]`` on the device; entry ``r*E + e`` is the number of rows from rank ``r``
+            for local expert ``e``.
+        host_counts_RE: the same counts as Python ints (already on the host: dispatch synced them once).
+        num_ranks: ``R``.
+        num_local_experts: ``E``.
+        align: pad each expert's group to a multiple of this (1, 8, 16 or 32).
+
+    Raises:
+        ValueError: counts of the wrong length or negative; an unsupported ``align``.
+    """
+    p = get_platform()
+    host_counts_RE = [int(c) for c in host_counts_RE]
+    _check(host_counts_RE, num_ranks, num_local_experts, align)
+    R, E = num_ranks, num_local_experts
+    tokens_per_expert = [sum(host_counts_RE[e::E]) for e in range(E)]
+    per_expert = aligned_counts(tokens_per_expert, align)
+    offsets = [0] * E
+    for e in range(1, E):
+        offsets[e] = offsets[e - 1] + per_expert[e - 1]
+    T, P = sum(tokens_per_expert), sum(per_expert)
+    device = getattr(counts_RE, "device", None)
+    source_row_P = p.zeros((P,), dtype="int64", device=device) + T  # padding reads the zero row
+    if T == 0:  # nothing to place (and repeat_interleave with all-zero repeats is a trap on some backends)
+        slot_of_row_T = p.zeros((0,), dtype="int64", device=device)
+    else:
+        slot_of_row_T = _slots_of_rows(counts_RE, R, E, T, p.tensor(offsets, dtype="int64", device=device))
+        source_row_P[slot_of_row_T] = p.arange(T, device=device)
+    return PermuteIndices(source_row_P=source_row_P, slot_of_row_T=slot_of_row_T,
+                          num_tokens_per_expert=tuple(per_expert), expert_offsets=tuple(offsets),
+                          num_rows=T, num_slots=P)
+
+
+def _slots_of_rows(counts_RE, R: int, E: int, T: int, expert_offsets_E):
+    """Slot of every rank-major row, vectorized: each (rank, expert) block of rows is contiguous on both sides,
+    so a row's slot is its block's destination start plus its offset inside the block."""
+    counts_RE = counts_RE.reshape(-1)
+    counts_ER = counts_RE.reshape(R, E).swapaxes(0, 1).contiguous()
+    # destination start of block (e, r): the expert's group start + rows of lower ranks for that expert
+    dst_start_ER = expert_offsets_E.reshape(E, 1) + counts_ER.cumsum(1) - counts_ER
+    dst_start_RE = dst_start_ER.swapaxes(0, 1).contiguous().reshape(-1)
+    # source start of block (r, e) in the rank-major buffer, and each row's offset inside its block
+    src_start_RE = counts_RE.cumsum(0) - counts_RE
+    row_block_start_T = src_start_RE.repeat_interleave(counts_RE, 0)
+    offset_in_block_T = get_platform().arange(T, device=getattr(counts_RE, "device", None)) - row_block_start_T
+    return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
+
+
+def permute(x_TD, indices: PermuteIndices):
+    """Rank-major rows ``[T, D]`` -> expert-major slots ``[P, D]`` (padding slots are zero). Differentiable; a
+    rank with no rows still returns a tensor connected to ``x_TD``'s graph."""
+    p = get_platform()
+    zero_row = p.zeros((1, *x_TD.shape[1:]), dtype=p.dtype_name(x_TD.dtype), device=getattr(x_TD, "device", None))
+    return p.cat([x_TD, zero_row])[indices.source_row_P]
+
+
+def unpermute(y_PD, indices: PermuteIndices):
+    """Expert-major slots ``[P, D]`` -> rank-major rows ``[T, D]`` (padding slots are dropped). Differentiable."""
+    return y_PD[indices.slot_of_row_T]
