@@ -79,3 +79,12 @@ def test_bad_alignment():
 @pytest.mark.backends("mindspore", "torch")
 def test_random_sweep_on_every_backend(worlds, backend):
     assert worlds.run(backend, 2, pc.random_sweep, 7) == [40, 40]
+
+
+def test_zero_tokens_stay_connected_in_process():
+    assert pc.zero_tokens_stay_connected()
+
+
+@pytest.mark.backends("mindspore", "torch")
+def test_zero_tokens_stay_connected_on_every_backend(worlds, backend):
+    worlds.run(backend, 2, pc.zero_tokens_stay_connected)

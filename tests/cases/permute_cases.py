@@ -44,6 +44,20 @@ def check(counts: list[int], R: int, E: int, align: int, D: int = 3) -> None:
             np.testing.assert_array_equal(g[src], 2 * np.arange(slot * D, slot * D + D))
 
 
+def zero_tokens_stay_connected() -> bool:
+    """With no rows received, backward must still reach the op before permute (on a real rank, the dispatch
+    all-to-all, which every rank must issue)."""
+    p = get_platform()
+    for align in (1, 8):
+        reached = []
+        probe = p.autograd_function(lambda t: t * 1, lambda g: reached.append(True) or g)
+        idx = build_permute_indices(p.tensor([0, 0], dtype="int64"), [0, 0], 1, 2, align=align)
+        weights = p.zeros((idx.num_slots, 4)) + 1
+        p.value_and_grad(lambda t: (unpermute(permute(probe(t), idx) * weights, idx) * 1).sum(), [p.zeros((0, 4))])
+        assert reached == [True], f"backward never reached the op before permute (align {align})"
+    return True
+
+
 def random_sweep(seed: int, iterations: int = 40) -> int:
     rng = np.random.RandomState(seed)
     for _ in range(iterations):
