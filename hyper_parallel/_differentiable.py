@@ -75,3 +75,37 @@ class DifferentiableCollectives:
         sharded compute need.
         """
         return self.autograd_function(lambda t: t, lambda g: self.all_reduce(g, "sum", group=group))(x)
+
+    def zeros_connected(self, x, shape: Sequence[int]):
+        """Zeros of ``shape`` that are still a function of ``x`` (with a zero gradient).
+
+        For empty work (a rank that received no tokens): the result keeps the rank in the autograd graph, so its
+        backward issues the same collectives as every other rank's, without indexing or concatenating zero-size
+        tensors (which have no gradient kernels on some backends, MindSpore CPU among them).
+        """
+        out_shape, in_shape = tuple(shape), tuple(x.shape)
+        kind, device = self.dtype_name(x.dtype), getattr(x, "device", None)
+        return self.autograd_function(lambda t: self.zeros(out_shape, dtype=kind, device=device),
+                                      lambda g: self.zeros(in_shape, dtype=kind, device=device))(x)
+
+    def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
+        """Rows ``[offset_e, offset_e + n_e)`` of ``x_NK`` times ``w_EKM[e]``, for every expert ``e``; ``[N, M]``.
+
+        This is the per-expert loop, the reference every backend runs; an adapter may override it with a batched
+        kernel (torch's ``_grouped_mm`` on CUDA). ``num_tokens_per_expert`` are host ints summing to N.
+
+        Raises:
+            ValueError: the counts do not match ``w_EKM``'s experts or do not sum to N.
+        """
+        counts = [int(n) for n in num_tokens_per_expert]
+        if len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0:
+            raise ValueError(f"grouped_mm: num_tokens_per_expert must be {w_EKM.shape[0]} non-negative counts "
+                             f"summing to the {x_NK.shape[0]} rows, got {counts}")
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:  # empty experts are skipped: zero-size matmuls are a trap on some backends
+                outs.append(x_NK[start:start + n] @ w_EKM[e])
+            start += n
+        if not outs:
+            return self.zeros_connected(x_NK, (0, w_EKM.shape[-1]))
+        return outs[0] if len(outs) == 1 else self.cat(outs)

@@ -72,8 +72,9 @@ def test_differentiable_collective_gradients(worlds, backend, nproc):
 @pytest.mark.parametrize(
     "case", [c.factories, c.count_calls, c.value_and_grad_with_params, c.hooks, c.manual_seed],
     ids=lambda f: f.__name__)
-def test_local_members(worlds, backend, case):
-    worlds.run(backend, 2, case)
+@pytest.mark.parametrize("nproc", NPROCS)
+def test_local_members(worlds, backend, nproc, case):
+    worlds.run(backend, nproc, case)
 
 
 @pytest.mark.parametrize("case", [e.bad_splits, e.bad_arguments], ids=lambda f: f.__name__)

@@ -120,7 +120,7 @@ def test_platform_is_abstract_and_lists_its_members():
     with pytest.raises(TypeError, match="abstract"):
         Platform()
     public = {n for n in dir(Platform) if not n.startswith("_")}
-    assert 30 <= len(public) <= 45, sorted(public)
+    assert 30 <= len(public) <= 48, sorted(public)  # keep the contract small
 
 
 def test_info_command(capsys, monkeypatch):

@@ -128,7 +128,7 @@ def permute(x_TD, indices: PermuteIndices):
     """Rank-major rows ``[T, D]`` -> expert-major slots ``[P, D]`` (padding slots are zero). Differentiable; a
     rank with no rows still returns a tensor connected to ``x_TD``'s graph."""
     if indices.num_rows == 0:
-        return _zeros_connected(x_TD, indices.num_slots)
+        return get_platform().zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
     p = get_platform()
     zero_row = p.zeros((1, *x_TD.shape[1:]), dtype=p.dtype_name(x_TD.dtype), device=getattr(x_TD, "device", None))
     return p.cat([x_TD, zero_row])[indices.source_row_P]
@@ -137,19 +137,6 @@ def permute(x_TD, indices: PermuteIndices):
 def unpermute(y_PD, indices: PermuteIndices):
     """Expert-major slots ``[P, D]`` -> rank-major rows ``[T, D]`` (padding slots are dropped). Differentiable."""
     if indices.num_rows == 0:
-        return _zeros_connected(y_PD, 0)
+        return get_platform().zeros_connected(y_PD, (0, *y_PD.shape[1:]))
     return y_PD[indices.slot_of_row_T]
 
-
-def _zeros_connected(x, rows: int):
-    """``rows`` zero rows shaped like ``x``'s rows, still a function of ``x`` with a zero gradient.
-
-    A rank that received no tokens must stay in the autograd graph: its backward has to issue the same
-    all-to-alls as every other rank's. Indexing or concatenating zero-size tensors would do that on torch, but has
-    no gradient kernel on MindSpore CPU, so the empty case is one op built on the platform's autograd primitive.
-    """
-    p = get_platform()
-    in_shape, out_shape = tuple(x.shape), (rows, *x.shape[1:])
-    kind, device = p.dtype_name(x.dtype), getattr(x, "device", None)
-    return p.autograd_function(lambda t: p.zeros(out_shape, dtype=kind, device=device),
-                               lambda g: p.zeros(in_shape, dtype=kind, device=device))(x)

@@ -38,6 +38,7 @@ def _rows(values: np.ndarray, dtype: str, cols: int = 3):
 # ---------------------------------------------------------------- identity and process groups
 def identity():
     p = _p()
+    assert not type(p).__abstractmethods__, f"adapter misses {sorted(type(p).__abstractmethods__)}"
     assert isinstance(p.name, str) and p.name in ("torch", "torch_npu", "mindspore")
     assert isinstance(p.device_type, str) and p.device_type
     assert p.dist_backend in ("gloo", "nccl", "hccl", "mccl")
