@@ -20,6 +20,7 @@ from hyper_parallel.dtensor import (
     get_parameter_spec,
     init_device_mesh,
 )
+from hyper_parallel.expert_parallel import BaseExpertParallel, ExpertParallel, ExpertTensorParallel, TensorParallel
 from hyper_parallel.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -33,6 +34,7 @@ from hyper_parallel.platform import Group, Handle, Platform
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseExpertParallel", "ExpertParallel", "ExpertTensorParallel", "TensorParallel",
     "ENV_VAR", "ColwiseParallel", "DTensor", "DeviceMesh", "Group", "Handle", "ParallelStyle", "ParameterSpec",
     "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
     "Shard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",

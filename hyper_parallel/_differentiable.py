@@ -25,7 +25,7 @@ class DifferentiableCollectives:
     """Mixin of :class:`~hyper_parallel.platform.Platform`: reachable as ``get_platform().<name>``."""
 
     def differentiable_all_to_all_single(self, x, input_splits: Sequence[int], output_splits: Sequence[int],
-                                         group: "Group | None" = None):
+                                         group: "Group | None" = None, async_op: bool = False):
         """All-to-all of rows with uneven splits whose gradient is the same exchange with the splits swapped.
 
         Args:
@@ -33,21 +33,28 @@ class DifferentiableCollectives:
             input_splits: rows sent to each group member (Python ints).
             output_splits: rows received from each group member (Python ints).
             group: the group (``None`` = world).
+            async_op: return ``(output, handle)`` before the exchange completes; read the output only after
+                ``handle.wait()`` (work issued in between overlaps the exchange). The backward is synchronous.
 
         Returns:
-            The received rows, ``sum(output_splits)`` of them.
+            The received rows, ``sum(output_splits)`` of them (with a handle when ``async_op``).
         """
         input_splits, output_splits = list(input_splits), list(output_splits)
         in_shape = tuple(x.shape)
         out_shape = (sum(output_splits), *in_shape[1:])
+        handles = []
 
         def forward(t):
-            return self.all_to_all_single(t, out_shape, input_splits, output_splits, group=group)[0]
+            out, handle = self.all_to_all_single(t, out_shape, input_splits, output_splits, group=group,
+                                                 async_op=async_op)
+            handles.append(handle)
+            return out
 
         def backward(g):
             return self.all_to_all_single(g, in_shape, output_splits, input_splits, group=group)[0]
 
-        return self.autograd_function(forward, backward)(x)
+        y = self.autograd_function(forward, backward)(x)
+        return (y, handles[0]) if async_op else y
 
     def differentiable_all_gather(self, x, group: "Group | None" = None):
         """All-gather along dim 0; the gradient is the reduce-scatter (sum) of the output gradient."""

@@ -1,0 +1,116 @@
+"""Token dispatch and combine for expert parallelism, with their metadata as a frozen value.
+
+Shape legend: ``N`` rows this rank routes (grouped by global expert), ``D`` hidden size, ``G`` global experts,
+``R`` ranks of the EP group, ``E`` local experts (``G / R``), ``T`` rows received, ``P`` rows after alignment
+padding.
+
+Dispatch::
+
+    counts all_to_all   num_tokens_per_expert_G  ->  num_tokens_per_rank_expert_RE   (R x E counts, rank-major)
+    ONE host sync       both count vectors -> Python ints: the token all_to_all's split sizes, all totals
+    token all_to_all    routed_input_ND  ->  received_TD                           (rank-major)
+    permute             received_TD  ->  permuted_PD                               (expert-major, padded)
+
+Combine is the reverse: unpermute ``[P, D] -> [T, D]``, then the token all_to_all back ``[T, D] -> [N, D]``.
+
+Dispatch returns :class:`DispatchMeta`, a frozen value that combine consumes: nothing is stored on a style or a
+module between the two, so one style object can serve many layers and an activation-checkpoint re-run is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from hyper_parallel._select import get_platform
+from hyper_parallel.expert_parallel.permute import PermuteIndices, build_permute_indices, permute, unpermute
+from hyper_parallel.platform import Group
+
+__all__ = ["DispatchMeta", "Dispatched", "PendingDispatch", "token_dispatch", "token_combine"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DispatchMeta:
+    """What combine needs to undo a dispatch."""
+
+    group: Group
+    """The EP group the tokens were exchanged in."""
+    input_splits: tuple[int, ...]
+    """Rows this rank sent to each EP rank."""
+    output_splits: tuple[int, ...]
+    """Rows this rank received from each EP rank."""
+    indices: PermuteIndices
+    """The rank-major -> expert-major permutation of the received rows."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dispatched:
+    """The experts' input after dispatch."""
+
+    routed_input: object
+    """``[P, D]`` rows grouped by local expert (padded per expert when aligned)."""
+    num_tokens_per_expert: tuple[int, ...]
+    """Rows per local expert (host ints, padding included)."""
+    meta: DispatchMeta
+    """Consumed by :func:`token_combine`."""
+
+
+class PendingDispatch:
+    """A dispatch whose token all-to-all is in flight; :meth:`wait` finishes it (permute included)."""
+
+    def __init__(self, received_TD, handle, counts_RE, host_counts_RE: list[int], meta_args: dict, align: int):
+        self._received, self._handle = received_TD, handle
+        self._counts, self._host_counts, self._meta_args, self._align = counts_RE, host_counts_RE, meta_args, align
+
+    def wait(self) -> Dispatched:
+        self._handle.wait()
+        group = self._meta_args["group"]
+        indices = build_permute_indices(self._counts, self._host_counts, group.size,
+                                        len(self._host_counts) // group.size, align=self._align)
+        return Dispatched(routed_input=permute(self._received, indices),
+                          num_tokens_per_expert=indices.num_tokens_per_expert,
+                          meta=DispatchMeta(indices=indices, **self._meta_args))
+
+
+def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, align: int = 1,
+                   async_op: bool = False):
+    """Send each row to the rank owning its expert and group the received rows by local expert.
+
+    Args:
+        routed_input_ND: rows grouped by global expert id (expert 0's rows first).
+        num_tokens_per_expert_G: int64 tensor, rows per global expert; sums to N.
+        group: the EP group; global expert ``g`` lives on group rank ``g // E``.
+        align: pad each local expert's rows to a multiple of this (1, 8, 16, 32).
+        async_op: return a :class:`PendingDispatch` while the token all-to-all is in flight.
+
+    Returns:
+        :class:`Dispatched` (or :class:`PendingDispatch` when ``async_op``).
+
+    Raises:
+        ValueError: the expert count is not divisible by the EP degree, or the counts do not sum to the rows.
+    """
+    p = get_platform()
+    R, G = group.size, int(num_tokens_per_expert_G.shape[0])
+    if G % R:
+        raise ValueError(f"expert parallel degree ({R}) must divide the number of experts ({G})")
+    E = G // R
+    counts_RE, _ = p.all_to_all_single(num_tokens_per_expert_G, None, [E] * R, [E] * R, group=group)
+    # The one device-to-host sync of a dispatch: both count vectors at once.
+    host = p.tolist(p.cat([num_tokens_per_expert_G, counts_RE]))
+    host_counts_G, host_counts_RE = host[:G], host[G:]
+    input_splits = tuple(sum(host_counts_G[r * E:(r + 1) * E]) for r in range(R))
+    output_splits = tuple(sum(host_counts_RE[r * E:(r + 1) * E]) for r in range(R))
+    if sum(input_splits) != routed_input_ND.shape[0]:
+        raise ValueError(f"num_tokens_per_expert sums to {sum(input_splits)} but routed_input has "
+                         f"{routed_input_ND.shape[0]} rows")
+    meta_args = dict(group=group, input_splits=input_splits, output_splits=output_splits)
+    received, handle = p.differentiable_all_to_all_single(routed_input_ND, input_splits, output_splits, group,
+                                                          async_op=True)
+    pending = PendingDispatch(received, handle, counts_RE, host_counts_RE, meta_args, align)
+    return pending if async_op else pending.wait()
+
+
+def token_combine(routed_output_PD, meta: DispatchMeta):
+    """Undo :func:`token_dispatch`: rows back to their rank, in their original order (``[N, D]``)."""
+    p = get_platform()
+    back_TD = unpermute(routed_output_PD, meta.indices)
+    return p.differentiable_all_to_all_single(back_TD, meta.output_splits, meta.input_splits, meta.group)
+

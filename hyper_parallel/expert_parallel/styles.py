@@ -1,0 +1,226 @@
+"""Expert-parallel styles for :class:`~hyper_parallel.moe.experts.GroupedExperts`, applied as
+``style.apply(experts, mesh)`` on every framework.
+
+| style | mesh | w1, w3 ``[E, H, D]`` | w2 ``[E, D, H]`` | dispatch / combine |
+|---|---|---|---|---|
+| ``ExpertParallel`` | 1-D (ep) | ``Shard(0)`` | ``Shard(0)`` | token all-to-all + permute / reverse |
+| ``TensorParallel`` | 1-D (tp) | ``Shard(1)`` | ``Shard(2)`` | input replicated, gradient all-reduced / output all-reduced |
+| ``ExpertTensorParallel`` | 2-D ("ep", "tp") | ``[Shard(0), Shard(1)]`` | ``[Shard(0), Shard(2)]`` | EP on ``mesh["ep"]``, TP on ``mesh["tp"]`` |
+
+A style keeps no per-call state: dispatch hands a frozen :class:`~hyper_parallel.expert_parallel.dispatch.
+DispatchMeta` to the experts' forward (their ``dispatch`` argument) and combine reads it back from there, so one
+style object can serve many layers. :meth:`BaseExpertParallel.dispatch` / :meth:`BaseExpertParallel.combine` are
+also callable directly, with an async dispatch, for a MoE layer that overlaps work with the token all-to-all.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from hyper_parallel._select import get_platform
+from hyper_parallel.dtensor.device_mesh import DeviceMesh
+from hyper_parallel.dtensor.dtensor import DTensor
+from hyper_parallel.dtensor.module import distribute_module, distribute_parameter
+from hyper_parallel.dtensor.placement import Partial, Replicate, Shard
+from hyper_parallel.expert_parallel.dispatch import Dispatched, token_combine, token_dispatch
+from hyper_parallel.parallel.style import ParallelStyle
+
+__all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "expert_style_of"]
+
+_STYLE_ATTR = "_hyper_parallel_expert_style"
+
+
+def expert_style_of(module):
+    """``(style, mesh)`` applied to ``module`` by an expert-parallel style, or ``None``."""
+    return getattr(module, _STYLE_ATTR, None)
+
+
+class BaseExpertParallel(ParallelStyle, abc.ABC):
+    """Partition / dispatch / combine, wired into ``distribute_module`` (dispatch before the experts' forward,
+    combine after it)."""
+
+    def apply(self, module, device_mesh: DeviceMesh):
+        self._check(module, device_mesh)
+        p = get_platform()
+        distribute_module(module, device_mesh, self._partition_fn, self._dispatch_hook)
+        p.register_forward_hook(module, lambda mod, args, out: self.combine(out, args[2], device_mesh))
+        object.__setattr__(module, _STYLE_ATTR, (self, device_mesh))
+        return module
+
+    def _dispatch_hook(self, module, inputs, device_mesh):
+        if len(inputs) != 2:
+            raise ValueError(f"{type(self).__name__}: call the experts as experts(routed_input, "
+                             f"num_tokens_per_expert); got {len(inputs)} positional arguments")
+        d = self.dispatch(inputs[0], inputs[1], device_mesh)
+        return d.routed_input, d.num_tokens_per_expert, d.meta
+
+    @abc.abstractmethod
+    def _check(self, module, device_mesh: DeviceMesh) -> None:
+        """Raise ValueError if the module or mesh does not fit this style."""
+
+    @abc.abstractmethod
+    def _partition_fn(self, name: str, module, device_mesh: DeviceMesh) -> None:
+        """Shard the experts' parameters."""
+
+    @abc.abstractmethod
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh: DeviceMesh, *, async_op: bool = False):
+        """Bring the rows to the ranks computing them; returns :class:`Dispatched` (or a pending one)."""
+
+    @abc.abstractmethod
+    def combine(self, routed_output, meta, device_mesh: DeviceMesh):
+        """Bring the experts' output rows back, in the caller's row order."""
+
+
+def _check_experts(module, style: str) -> None:
+    for name in ("w1", "w2", "w3"):
+        w = getattr(module, name, None)
+        if w is None or len(w.shape) != 3:
+            raise TypeError(f"{style} applies to GroupedExperts-like modules with 3-D w1, w2, w3; "
+                            f"{type(module).__name__} has {name}={None if w is None else list(w.shape)}")
+
+
+def _check_divides(degree: int, size: int, what: str, axis: str) -> None:
+    if size % degree:
+        raise ValueError(f"{axis} parallel degree ({degree}) must divide {what} ({size})")
+
+
+def _axis_mesh(mesh: DeviceMesh, axis: str, style: str) -> DeviceMesh:
+    names = list(mesh.mesh_dim_names or ())
+    if axis not in names:
+        raise ValueError(f"{style} needs a mesh with axes ('ep', 'tp'); this mesh has axes {names or None}")
+    return mesh[axis]
+
+
+class ExpertParallel(BaseExpertParallel):
+    """Each rank of a 1-D mesh owns ``num_experts / ep`` whole experts.
+
+    Args:
+        align: pad each local expert's rows to a multiple of 1, 8, 16 or 32 (for grouped GEMM kernels).
+    """
+
+    def __init__(self, *, align: int = 1):
+        self.align = align
+
+    def _check(self, module, device_mesh):
+        _check_experts(module, "ExpertParallel")
+        if device_mesh.ndim != 1:
+            raise ValueError(f"ExpertParallel needs a 1-D mesh (slice it: mesh['ep']), got {device_mesh}")
+        _check_divides(device_mesh.size(), module.w1.shape[0], "num_experts", "expert")
+
+    def _partition_fn(self, name, module, device_mesh):
+        if name == "":
+            for w in ("w1", "w2", "w3"):
+                distribute_parameter(module, w, device_mesh, [Shard(0)])
+
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
+        return token_dispatch(routed_input, num_tokens_per_expert, device_mesh.get_group(), align=self.align,
+                              async_op=async_op)
+
+    def combine(self, routed_output, meta, device_mesh):
+        return token_combine(routed_output, meta)
+
+
+def _replicated_input(x, tp_mesh: DeviceMesh):
+    # Each TP rank computes only its hidden slice's share of d(loss)/d(input): the gradient is Partial.
+    return DTensor.from_local(x, tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def _reduce_output(y, tp_mesh: DeviceMesh):
+    # Each TP rank's output is a partial sum over its hidden slice.
+    return DTensor.from_local(y, tp_mesh, [Partial()]).redistribute(tp_mesh, [Replicate()]).to_local()
+
+
+class TensorParallel(BaseExpertParallel):
+    """Every expert's hidden dimension split over a 1-D mesh; no token exchange.
+
+    Args:
+        partial_output: leave the output a per-rank partial sum (for fusion with a following reduction) instead
+            of all-reducing it.
+    """
+
+    def __init__(self, *, partial_output: bool = False):
+        self.partial_output = partial_output
+
+    def _check(self, module, device_mesh):
+        _check_experts(module, "TensorParallel")
+        if device_mesh.ndim != 1:
+            raise ValueError(f"TensorParallel needs a 1-D mesh (slice it: mesh['tp']), got {device_mesh}")
+        _check_divides(device_mesh.size(), module.w1.shape[1], "the experts' hidden_dim", "tensor")
+
+    def _partition_fn(self, name, module, device_mesh):
+        if name == "":
+            distribute_parameter(module, "w1", device_mesh, [Shard(1)])
+            distribute_parameter(module, "w3", device_mesh, [Shard(1)])
+            distribute_parameter(module, "w2", device_mesh, [Shard(2)])
+
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
+        counts = num_tokens_per_expert
+        if not isinstance(counts, (list, tuple)):
+            counts = get_platform().tolist(counts)
+        d = Dispatched(routed_input=_replicated_input(routed_input, device_mesh),
+                       num_tokens_per_expert=tuple(counts), meta=None)
+        return _Done(d) if async_op else d
+
+    def combine(self, routed_output, meta, device_mesh):
+        return routed_output if self.partial_output else _reduce_output(routed_output, device_mesh)
+
+
+class ExpertTensorParallel(BaseExpertParallel):
+    """Experts split over ``mesh["ep"]`` and each expert's hidden dimension over ``mesh["tp"]``.
+
+    The ranks of one ``tp`` line must hold the same routed tokens (as after a tensor-parallel attention block).
+    By default the output equals the single-device output on every rank; ``partial_output=True`` leaves it a
+    partial sum over ``tp`` for fusion with a following reduction.
+    """
+
+    def __init__(self, *, align: int = 1, partial_output: bool = False):
+        self.align, self.partial_output = align, partial_output
+
+    def _check(self, module, device_mesh):
+        _check_experts(module, "ExpertTensorParallel")
+        if device_mesh.ndim != 2:
+            raise ValueError(f"ExpertTensorParallel needs a 2-D mesh with axes ('ep', 'tp'), got {device_mesh}")
+        ep = _axis_mesh(device_mesh, "ep", "ExpertTensorParallel")
+        tp = _axis_mesh(device_mesh, "tp", "ExpertTensorParallel")
+        _check_divides(ep.size(), module.w1.shape[0], "num_experts", "expert")
+        _check_divides(tp.size(), module.w1.shape[1], "the experts' hidden_dim", "tensor")
+
+    def _partition_fn(self, name, module, device_mesh):
+        if name == "":
+            mesh = device_mesh["ep", "tp"]
+            distribute_parameter(module, "w1", mesh, [Shard(0), Shard(1)])
+            distribute_parameter(module, "w3", mesh, [Shard(0), Shard(1)])
+            distribute_parameter(module, "w2", mesh, [Shard(0), Shard(2)])
+
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
+        pending = token_dispatch(routed_input, num_tokens_per_expert, device_mesh["ep"].get_group(),
+                                 align=self.align, async_op=True)
+        tp = device_mesh["tp"]
+        finish = lambda d: Dispatched(routed_input=_replicated_input(d.routed_input, tp),  # noqa: E731
+                                      num_tokens_per_expert=d.num_tokens_per_expert, meta=d.meta)
+        return _Then(pending, finish) if async_op else finish(pending.wait())
+
+    def combine(self, routed_output, meta, device_mesh):
+        if not self.partial_output:
+            routed_output = _reduce_output(routed_output, device_mesh["tp"])
+        return token_combine(routed_output, meta)
+
+
+class _Done:
+    """An already-completed pending dispatch."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def wait(self):
+        return self._value
+
+
+class _Then:
+    """A pending dispatch followed by a local step."""
+
+    def __init__(self, pending, then):
+        self._pending, self._then = pending, then
+
+    def wait(self):
+        return self._then(self._pending.wait())
