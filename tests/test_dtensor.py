@@ -70,3 +70,12 @@ def test_errors(worlds, backend, nproc):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_mlp_colwise_rowwise_matches_single_device(worlds, backend, nproc, hidden):
     worlds.run(backend, nproc, d.mlp_colwise_rowwise, hidden)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_prepare_module_input_output_and_sequence_parallel_layouts(worlds, backend, nproc):
+    worlds.run(backend, nproc, d.prepare_input_output_and_layouts)
+
+
+def test_mesh_from_nested_lists_and_more_errors(worlds, backend):
+    worlds.run(backend, 4, d.mesh_from_nested_lists)

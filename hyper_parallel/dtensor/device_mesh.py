@@ -142,7 +142,10 @@ class DeviceMesh:
 
     def _axis(self, axis: int | str) -> int:
         if isinstance(axis, str):
-            if not self.mesh_dim_names or axis not in self.mesh_dim_names:
+            if not self.mesh_dim_names:
+                raise ValueError(f"mesh has no axis named {axis!r}: its axes have no names (create the mesh with "
+                                 "mesh_dim_names=...)")
+            if axis not in self.mesh_dim_names:
                 raise ValueError(f"mesh has no axis named {axis!r}; its axes are {self._axis_names()}")
             return self.mesh_dim_names.index(axis)
         if isinstance(axis, bool) or not isinstance(axis, int) or not -self.ndim <= axis < self.ndim:

@@ -230,3 +230,92 @@ def mlp_colwise_rowwise(hidden: int):
     for (name, q), (_, rq) in zip(p.named_parameters(model), p.named_parameters(ref)):
         np.testing.assert_allclose(_host(full_parameter(q)), _host(rq), rtol=1e-6, err_msg=f"full {name}")
     return True
+
+
+def prepare_input_output_and_layouts():
+    """PrepareModuleInput / PrepareModuleOutput and Colwise / Rowwise with non-default layouts (sequence
+    parallel: the MLP input and output sharded on rows), against the single-device MLP."""
+    from hyper_parallel import PrepareModuleInput, PrepareModuleOutput, DeviceMesh
+
+    p = _p()
+    world, rank = p.get_world_size(), p.get_rank()
+    mesh = DeviceMesh("cpu", list(range(world)))  # from a plain list of ranks
+    rows = 2 * world
+    x_full = np.random.RandomState(3).randn(rows, 6)
+    ref = make_mlp(6, 8, 4)
+    _, (ref_gx,), _ = p.value_and_grad(lambda t: (ref(t) ** 2).sum(), [_t(x_full)])
+    model = make_mlp(6, 8, 4)
+    parallelize_module(model, mesh, {
+        "w1": ColwiseParallel(input_layouts=Shard(0)),           # rows in, gathered to Replicate
+        "w2": RowwiseParallel(output_layouts=Shard(0)),          # reduce-scatter to rows out
+    })
+    x_local = _t(np_local(x_full, mesh, [Shard(0)]))
+    val, (gx,), _ = p.value_and_grad(lambda t: (model(t) ** 2).sum(), [x_local])
+    out = model(x_local)
+    np.testing.assert_allclose(_host(out), np_local(_host(ref(_t(x_full))), mesh, [Shard(0)]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_host(gx), np_local(_host(ref_gx), mesh, [Shard(0)]), rtol=1e-5, atol=1e-6)
+
+    # DTensor outputs instead of local tensors, and explicit input/output preparation on a wrapper module
+    lin = make_mlp(6, 8, 4).w1
+    ColwiseParallel(output_layouts=Replicate(), use_local_output=False).apply(lin, mesh)
+    y = lin(_t(x_full))
+    assert y.placements == (Replicate(),) and tuple(y.shape) == (rows, 8), y
+    holder = make_mlp(6, 8, 4)
+    PrepareModuleInput(input_layouts=[Shard(0)], desired_input_layouts=[Replicate()],
+                       use_local_output=True).apply(holder.w1, mesh)
+    PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0)).apply(holder.w2, mesh)
+    got = holder(x_local)  # w1 sees the gathered input; w2's full output is cut back to this rank's rows
+    np.testing.assert_allclose(_host(got), np_local(_host(make_mlp(6, 8, 4)(_t(x_full))), mesh, [Shard(0)]),
+                               rtol=1e-5, atol=1e-6)
+    _raises(ValueError, r"expects 1 inputs, got 0", holder.w1)
+    _raises(ValueError, r"same length, got 1 and 2", PrepareModuleInput, input_layouts=[Shard(0)],
+            desired_input_layouts=[Replicate(), Replicate()])
+    _raises(TypeError, r"applies to linear layers", ColwiseParallel().apply, make_mlp(6, 8, 4), mesh)
+    _raises(TypeError, r"must be a ParallelStyle or a dict", parallelize_module, make_mlp(6, 8, 4), mesh, [1])
+    _raises(TypeError, r"plan entry 'w1' must be a ParallelStyle, got int", parallelize_module, make_mlp(6, 8, 4),
+            mesh, {"w1": 3})
+    grid = init_device_mesh("cpu", (2, world // 2)) if world == 4 else None
+    if grid is not None:
+        _raises(ValueError, r"needs a 1-D mesh", RowwiseParallel().apply, make_mlp(6, 8, 4).w2, grid)
+    whole = parallelize_module(make_mlp(6, 8, 4).w1, mesh, ColwiseParallel())  # a style as the whole plan
+    assert get_parameter_spec(whole.weight).placements == (Shard(0),)
+    return rank
+
+
+def mesh_from_nested_lists():
+    from hyper_parallel import DeviceMesh
+
+    p = _p()
+    rank = p.get_rank()
+    mesh = DeviceMesh("cpu", [[0, 1], [2, 3]], mesh_dim_names=("a", "b"))
+    assert mesh.shape == (2, 2) and mesh.get_coordinate() == [rank // 2, rank % 2]
+    pair = DeviceMesh("cpu", [[0, 1]], mesh_dim_names=("row", "col"))  # ranks 2 and 3 are outside this mesh
+    if rank >= 2:
+        assert pair.get_coordinate() is None
+        _raises(ValueError, r"rank %d is not in this mesh" % rank, pair.get_group, 1)
+        _raises(ValueError, r"not in this mesh", pair.get_local_rank, 0)
+        _raises(ValueError, r"not in this mesh", pair.__getitem__, "col")
+    else:
+        assert pair.get_local_rank(1) == rank and pair.size(1) == 2
+    _raises(ValueError, r"rectangular", DeviceMesh, "cpu", [[0, 1], [2]])
+    _raises(ValueError, r"distinct ranks of the world \[0, 4\)", DeviceMesh, "cpu", [0, 0])
+    _raises(TypeError, r"nested lists of ranks, got int", DeviceMesh, "cpu", 3)
+    _raises(ValueError, r"mesh axis must be a name or an int in \[0, 2\), got 5", mesh.size, 5)
+    _raises(ValueError, r"mesh axes must be distinct", mesh.__getitem__, ("a", "a"))
+    _raises(ValueError, r"get_local_rank\(\) needs an axis", mesh.get_local_rank)
+    assert mesh != pair and len({mesh, DeviceMesh("cpu", [[0, 1], [2, 3]])}) == 1
+    line = DeviceMesh("cpu", [0, 1, 2, 3])
+    _raises(ValueError, r"its axes have no names", line.__getitem__, "x")
+    assert line.get_local_rank() == rank
+    d = DTensor.from_local(_t(np.ones((2, 2))), line, [Replicate()])
+    assert "DTensor(shape=[2, 2]" in repr(d) and d.ndim == 2 and d.dtype == d.to_local().dtype
+    _raises(ValueError, r"across meshes is not supported", d.redistribute, mesh, [Replicate(), Replicate()])
+    _raises(ValueError, r"src_data_rank 9 is not in the mesh", distribute_tensor, _t(np.ones(2)), line, [Replicate()],
+            src_data_rank=9)
+    _raises(ValueError, r"has no parameter 'nope'", __import__("hyper_parallel").distribute_parameter,
+            make_mlp(2, 2, 2).w1, "nope", line, [Replicate()])
+    _raises(ValueError, r"no recorded layout", full_parameter, make_mlp(2, 2, 2).w1.weight)
+    _raises(TypeError, r"Shard/Replicate/Partial", DTensor.from_local, _t(np.ones(2)), line, ["S0"])
+    _raises(ValueError, r"sharded on one mesh axis only", DTensor.from_local, _t(np.ones((2, 2))), mesh,
+            [Shard(0), Shard(0)])
+    return True
