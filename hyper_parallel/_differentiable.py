@@ -95,6 +95,31 @@ class DifferentiableCollectives:
         return self.autograd_function(lambda t: self.zeros(out_shape, dtype=kind, device=device),
                                       lambda g: self.zeros(in_shape, dtype=kind, device=device))(x)
 
+    def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
+        """Slot in the expert-major buffer of every rank-major row (the index build of
+        :func:`~hyper_parallel.expert_parallel.permute.build_permute_indices`); ``[T]`` int64.
+
+        Vectorized with cumsum / repeat_interleave / arange, no loop over experts or ranks: each (rank, expert) block
+        of rows is contiguous on both sides, so a row's slot is its block's destination start plus its offset inside
+        the block. This is the reference; an adapter may override it with a fused kernel (it launches ~10 small
+        kernels, so on GPUs it is launch-bound).
+
+        Args:
+            counts_RE: int64 ``[R*E]`` rows from rank r for local expert e (rank-major); ``num_rows`` = their sum > 0.
+            expert_offsets_E: int64 ``[E]`` start slot of each expert's group (padding included).
+        """
+        R, E, T = num_ranks, num_local_experts, num_rows
+        counts_RE = counts_RE.reshape(-1)
+        counts_ER = counts_RE.reshape(R, E).swapaxes(0, 1).contiguous()
+        # destination start of block (e, r): the expert's group start + rows of lower ranks for that expert
+        dst_start_ER = expert_offsets_E.reshape(E, 1) + counts_ER.cumsum(1) - counts_ER
+        dst_start_RE = dst_start_ER.swapaxes(0, 1).contiguous().reshape(-1)
+        # source start of block (r, e) in the rank-major buffer, and each row's offset inside its block
+        src_start_RE = counts_RE.cumsum(0) - counts_RE
+        offset_in_block_T = self.arange(T, device=getattr(counts_RE, "device", None)) \
+            - src_start_RE.repeat_interleave(counts_RE, 0)
+        return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
+
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         """Rows ``[offset_e, offset_e + n_e)`` of ``x_NK`` times ``w_EKM[e]``, for every expert ``e``; ``[N, M]``.
 

@@ -102,26 +102,11 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
     if T == 0:  # nothing to place (and repeat_interleave with all-zero repeats is a trap on some backends)
         slot_of_row_T = p.zeros((0,), dtype="int64", device=device)
     else:
-        slot_of_row_T = _slots_of_rows(counts_RE, R, E, T, p.tensor(offsets, dtype="int64", device=device))
+        slot_of_row_T = p.permute_slots(counts_RE, R, E, T, p.tensor(offsets, dtype="int64", device=device))
         source_row_P[slot_of_row_T] = p.arange(T, device=device)
     return PermuteIndices(source_row_P=source_row_P, slot_of_row_T=slot_of_row_T,
                           num_tokens_per_expert=tuple(per_expert), expert_offsets=tuple(offsets),
                           num_rows=T, num_slots=P)
-
-
-def _slots_of_rows(counts_RE, R: int, E: int, T: int, expert_offsets_E):
-    """Slot of every rank-major row, vectorized: each (rank, expert) block of rows is contiguous on both sides,
-    so a row's slot is its block's destination start plus its offset inside the block."""
-    counts_RE = counts_RE.reshape(-1)
-    counts_ER = counts_RE.reshape(R, E).swapaxes(0, 1).contiguous()
-    # destination start of block (e, r): the expert's group start + rows of lower ranks for that expert
-    dst_start_ER = expert_offsets_E.reshape(E, 1) + counts_ER.cumsum(1) - counts_ER
-    dst_start_RE = dst_start_ER.swapaxes(0, 1).contiguous().reshape(-1)
-    # source start of block (r, e) in the rank-major buffer, and each row's offset inside its block
-    src_start_RE = counts_RE.cumsum(0) - counts_RE
-    row_block_start_T = src_start_RE.repeat_interleave(counts_RE, 0)
-    offset_in_block_T = get_platform().arange(T, device=getattr(counts_RE, "device", None)) - row_block_start_T
-    return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
 
 
 def permute(x_TD, indices: PermuteIndices):
