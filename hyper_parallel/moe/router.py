@@ -41,8 +41,8 @@ def _check_top_k(owner: str, num_experts, top_k) -> None:
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """``ceil(capacity_factor * num_tokens * top_k / num_experts)`` (at least 1): the most pairs one expert keeps.
 
-    The quotient is nudged down by 1e-9 before the ceiling so that a product such as ``1.1 * 10 * 2 / 4``, which
-    floats render as ``5.500000000000001``, still lands on the capacity the decimal inputs mean.
+    The quotient is nudged down by 1e-9 before the ceiling: ``1.1 * 25 * 2 / 5`` is ``11.000000000000002`` in
+    floats, and the capacity the decimal inputs mean is 11, not 12.
     """
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9))
 
@@ -63,7 +63,8 @@ def _define_router(Module):
             init_std: standard deviation of the gate's normal initialisation.
             seed: makes the gate identical across ranks and frameworks.
             loss_tracker: optional :class:`~hyper_parallel.moe.losses.LoadBalancingLossTracker`; when given, every
-                forward saves ``(scores_TE, num_tokens_per_expert_E)`` into it for the load-balancing loss.
+                forward saves ``(scores_TE, num_tokens_per_expert_E)`` into it for the load-balancing loss
+                (which needs at least one token).
 
         Raises:
             ValueError: a size is not a positive int, ``top_k > num_experts``, ``score_func`` is unknown, only
@@ -206,16 +207,20 @@ def _define_reorderer(Module):
                 return None
             return expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
 
-        def forward(self, top_scores_TK, selected_experts_TK):
+        def forward(self, top_scores_TK, selected_experts_TK, token_offset: int = 0):
             """Reorder the pairs expert-major.
 
             Args:
                 top_scores_TK: ``[T, K]`` routing weights.
                 selected_experts_TK: ``[T, K]`` expert ids in ``[0, E)`` (not checked: that needs a host sync).
+                token_offset: position of these T tokens in a longer sequence (set by
+                    ReordererSequenceParallel, which hands each rank a slice); added to the returned indices.
 
             Returns:
-                ``(top_scores_N, token_indices_N, num_tokens_per_expert_E)``: the kept pairs' weights and token
-                indices (int64, ``flat_index // top_k``) grouped by expert, and the kept pairs per expert (int64).
+                ``(top_scores_N, pair_indices_N, num_tokens_per_expert_E)``: the kept pairs' weights and flat pair
+                indices (int64, ``(token_offset + token) * top_k + k``; the token is ``pair // top_k``) grouped by
+                expert, and the kept pairs per expert (int64). Pair indices, unlike token indices, are unique, so
+                the outputs can be put back with a plain indexed assignment (no scatter-add).
 
             Raises:
                 ValueError: the two inputs are not both ``[T, top_k]``.
@@ -241,7 +246,7 @@ def _define_reorderer(Module):
                 rank_N = p.arange(n) - start_E[experts_N[order_N]]
                 order_N = order_N[rank_N < capacity]
                 counts_E = counts_E.clamp(max=capacity)
-            return top_scores_TK.reshape(-1)[order_N], order_N // self.top_k, counts_E
+            return top_scores_TK.reshape(-1)[order_N], order_N + token_offset * self.top_k, counts_E
 
     return TokenReorderer
 

@@ -1,0 +1,102 @@
+"""Router, token reorderer, load-balancing losses: worked examples in-process (torch), then every case against the
+NumPy brute-force references on every backend (a 2-rank world, each rank with its own random draw)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.cases import router_cases as rc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_in_process():
+    """In-process checks use the torch platform; MindSpore runs the same checks inside its world below."""
+    pytest.importorskip("torch")
+    import hyper_parallel._select as select
+
+    old = os.environ.get(select.ENV_VAR)
+    os.environ[select.ENV_VAR] = "torch"
+    select._reset_platform_for_tests()
+    yield
+    select._reset_platform_for_tests()
+    if old is None:
+        os.environ.pop(select.ENV_VAR)
+    else:
+        os.environ[select.ENV_VAR] = old
+
+
+def test_reorder_worked_example_ties_keep_token_order():
+    # tokens 0..3, K=2. Expert 1 is chosen by tokens 0, 1, 3 (in that order, whatever the slot), expert 2 by none.
+    sel = np.array([[1, 0], [3, 1], [0, 3], [1, 0]])
+    scores = np.arange(8).reshape(4, 2) / 10
+    out, tokens, counts, kept = rc.ref_reorder(scores, sel, 4)
+    assert kept.tolist() == [1, 4, 7, 0, 3, 6, 2, 5]
+    assert tokens.tolist() == [0, 2, 3, 0, 1, 3, 1, 2] and counts.tolist() == [3, 3, 0, 2]
+    from hyper_parallel import get_platform
+    from hyper_parallel.moe.router import TokenReorderer
+
+    p = get_platform()
+    got = TokenReorderer(num_experts=4, top_k=2)(rc._t(scores), rc._t(sel, "int64"))
+    assert p.tolist(got[1]) == kept.tolist() and p.tolist(got[2]) == counts.tolist()
+    assert [pair // 2 for pair in p.tolist(got[1])] == tokens.tolist()
+    # a slice starting at token 10 of a longer sequence (ReordererSequenceParallel) reports global positions
+    shifted = TokenReorderer(num_experts=4, top_k=2)(rc._t(scores), rc._t(sel, "int64"), 10)
+    assert p.tolist(shifted[1]) == [pair + 20 for pair in kept.tolist()]
+    np.testing.assert_allclose(p.tolist(got[0]), out, rtol=1e-6)
+
+
+def test_capacity_worked_example_drops_the_latest_tokens():
+    # capacity = ceil(0.75 * 4 * 2 / 4) = 2: expert 0 (tokens 0, 2, 3) loses token 3, expert 1 (0, 1, 3) loses 3
+    sel = np.array([[1, 0], [3, 1], [0, 3], [1, 0]])
+    _, tokens, counts, kept = rc.ref_reorder(np.zeros((4, 2)), sel, 4, 0.75)
+    assert tokens.tolist() == [0, 2, 0, 1, 1, 2] and counts.tolist() == [2, 2, 0, 2]
+    from hyper_parallel import get_platform
+    from hyper_parallel.moe.router import TokenReorderer, expert_capacity
+
+    assert expert_capacity(0.75, 4, 2, 4) == 2 and expert_capacity(1.1, 25, 2, 5) == 11
+    got = TokenReorderer(num_experts=4, top_k=2, capacity_factor=0.75)(rc._t(np.zeros((4, 2))), rc._t(sel, "int64"))
+    assert get_platform().tolist(got[1]) == kept.tolist()
+
+
+def test_load_balancing_loss_of_a_uniform_router_is_one():
+    from hyper_parallel import get_platform
+    from hyper_parallel.moe.losses import load_balancing_loss
+
+    loss = load_balancing_loss(rc._t(np.full((6, 4), 0.25)), rc._t([3, 3, 3, 3], "int64"), 2)
+    assert abs(get_platform().tolist(loss) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("name,thunk,pattern", rc.ERRORS, ids=[e[0] for e in rc.ERRORS])
+def test_errors_in_process(name, thunk, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        thunk()
+
+
+def test_cases_in_process():
+    assert rc.router_cases(3) == len(rc.ROUTER_SUBCASES) + 1
+    assert rc.reorderer_cases(3) > 0
+    assert rc.loss_cases(3) > 0
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_router_on_every_backend(worlds, backend):
+    assert worlds.run(backend, 2, rc.router_cases, 0) == [len(rc.ROUTER_SUBCASES) + 1] * 2
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_reorderer_on_every_backend(worlds, backend):
+    assert worlds.run(backend, 2, rc.reorderer_cases, 0) == [len(rc.REORDER_SHAPES) * len(rc.REORDER_SUBCASES) + 1] * 2
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_losses_on_every_backend(worlds, backend):
+    results = worlds.run(backend, 2, rc.loss_cases, 0)
+    assert results[0] == results[1] > 0
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_errors_on_every_backend(worlds, backend):
+    assert worlds.run(backend, 2, rc.error_cases) == [len(rc.ERRORS)] * 2
