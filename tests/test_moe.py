@@ -28,3 +28,7 @@ def test_moe_expert_tensor_parallel_2x2(worlds, backend, variant):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_moe_reorderer_sequence_parallel_uneven_tokens(worlds, backend, nproc):
     worlds.run(backend, nproc, mc.moe_matches_single_device, "sp", "shared")
+
+
+def test_expert_bias_update_and_batched_aux_loss(worlds, backend):
+    worlds.run(backend, 2, mc.bias_update_and_aux_loss)

@@ -89,3 +89,34 @@ def moe_matches_single_device(style: str, variant: str) -> bool:
         want = np_local(total, spec.device_mesh, spec.placements) if spec is not None else mine
         assert_rel(_host(g), want, f"{what} grad of {name}")
     return True
+
+
+def bias_update_and_aux_loss() -> bool:
+    """Aux-loss-free bias: loads are counted across forwards, summed over the world, and the bias moves by
+    ``rate * sign(mean - load)``. The batched aux loss sees every forward's router scores."""
+    from hyper_parallel.moe import LoadBalancingLossTracker, load_balancing_loss
+
+    p = get_platform()
+    world = p.get_world_size()
+    tracker = LoadBalancingLossTracker()
+    moe = MoE(dim=D, hidden_dim=H, num_experts=E, top_k=K, use_expert_bias=True, aux_loss_tracker=tracker,
+              init_std=0.5, seed=0)
+    loads = np.zeros(E)
+    for step in range(2):
+        x = _t(_data(p.get_rank() * 10 + step)[0])
+        _, selected, counts = moe.router(x, moe.expert_bias)
+        loads += np.asarray(p.tolist(counts), dtype=np.float64)
+        moe(x)
+    assert len(tracker) == 4  # the explicit router call and the layer's own, twice
+    scores = moe.router.scores(x)
+    want = p.tolist(load_balancing_loss(scores, counts, K))
+    single = LoadBalancingLossTracker()
+    single.save(scores, counts)
+    assert abs(p.tolist(single.loss(K)) - want) < 1e-6
+    total = np.asarray(p.tolist(p.all_reduce(p.tensor(loads.tolist()))))  # every rank's loads
+    moe.update_expert_bias(0.01, group=p.init_process_group())
+    gap = total.mean() - total
+    np.testing.assert_allclose(np.asarray(p.tolist(moe.expert_bias)), 0.01 * np.sign(gap), atol=1e-7)
+    assert p.tolist(moe.tokens_per_expert) == [0.0] * E  # the counted loads were consumed
+    assert world >= 2
+    return True
