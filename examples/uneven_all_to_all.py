@@ -46,7 +46,7 @@ def main() -> int:
     ok = received == expected and p.tolist(grad) == expected_grad
     print(f"rank {rank}: sent {send} received {recv} rows; loss {float(p.tolist(value)):.1f}; "
           f"values {'OK' if received == expected else 'WRONG'}; gradient {'OK' if ok else 'WRONG'}")
-    p.barrier()
+    p.destroy_process_group()  # leave together (rank 0 hosts the rendezvous store) and tear down cleanly
     return 0 if ok else 1
 
 

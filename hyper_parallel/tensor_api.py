@@ -34,4 +34,5 @@ SHARED_TENSOR_METHODS = {
     "masked_fill": "masked_fill(mask, value)",
     "amax": "amax(dim)",
     "clamp": "clamp(min=..., max=...)",
+    "unbind": "unbind(0) into a tuple of slices",
 }

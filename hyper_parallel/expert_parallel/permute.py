@@ -114,6 +114,8 @@ def permute(x_TD, indices: PermuteIndices):
     rank with no rows still returns a tensor connected to ``x_TD``'s graph."""
     if indices.num_rows == 0:
         return get_platform().zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
+    if indices.num_slots == indices.num_rows:  # no padding: a pure permutation, no zero row to append
+        return x_TD[indices.source_row_P]
     p = get_platform()
     zero_row = p.zeros((1, *x_TD.shape[1:]), dtype=p.dtype_name(x_TD.dtype), device=getattr(x_TD, "device", None))
     return p.cat([x_TD, zero_row])[indices.source_row_P]

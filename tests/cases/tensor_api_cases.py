@@ -51,6 +51,7 @@ def _checks():
     yield "masked_fill", (host(x.masked_fill(x > 0, 0.0)), np.where(a > 0, 0, a))
     yield "amax", (host(x.amax(-1)), a.max(-1))
     yield "clamp", (host(x.clamp(min=-0.2, max=0.3)), np.clip(a, -0.2, 0.3))
+    yield "unbind", (host(x.unbind(0)[2]), a[2])
 
 
 def every_shared_method() -> int:

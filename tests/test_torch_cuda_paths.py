@@ -1,0 +1,265 @@
+"""The torch adapter's CUDA fast paths, checked on the CPU wherever their logic allows.
+
+The GPU itself is exercised by ``benchmarks/gpu_ep.py`` (correctness against the references, then timings). Here:
+the index-build variants against the neutral reference, the choice between them and its fallbacks, the Triton
+kernel under Triton's interpreter (when Triton is installed; it is no CI dependency), the host-copy decision, and
+``torch._grouped_mm`` (which has a CPU kernel) against the neutral per-expert loop.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from hyper_parallel._differentiable import DifferentiableCollectives  # noqa: E402
+from platform_adapters import torch as adapter  # noqa: E402
+from tests.cases import permute_cases as pc  # noqa: E402
+
+
+def neutral_slots(counts, R, E, align=1):
+    """The neutral reference (``DifferentiableCollectives.permute_slots``) and its inputs."""
+    tokens = [sum(counts[e::E]) for e in range(E)]
+    per_expert = [t if align == 1 else max(align, -(-t // align) * align) for t in tokens]
+    offsets = [sum(per_expert[:e]) for e in range(E)]
+    counts_t, offsets_t = torch.tensor(counts), torch.tensor(offsets)
+    ref = DifferentiableCollectives.permute_slots(adapter.TorchPlatform(), counts_t, R, E, sum(counts), offsets_t)
+    return ref, counts_t, offsets_t
+
+
+def slots_to_source_rows(slots, num_slots, T):
+    src = [T] * num_slots
+    for row, slot in enumerate(slots):
+        src[slot] = row
+    return src
+
+
+CASES = st.integers(1, 4).flatmap(lambda R: st.integers(1, 5).flatmap(lambda E: st.tuples(
+    st.just(R), st.just(E), st.lists(st.integers(0, 40), min_size=R * E, max_size=R * E)))).filter(
+        lambda c: sum(c[2]) > 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(CASES, st.sampled_from([1, 8, 32]))
+def test_eager_and_padded_index_builds_match_the_neutral_reference(case, align):
+    R, E, counts = case
+    ref, counts_t, offsets_t = neutral_slots(counts, R, E, align)
+    T = sum(counts)
+    assert torch.equal(adapter.permute_slots_eager(counts_t, R, E, T, offsets_t), ref)
+    for capacity in (T, adapter.graph_capacity(T)):  # no extra rows, and the captured graph's padding
+        ext = torch.tensor(counts + [capacity - T])
+        assert torch.equal(adapter.permute_slots_padded(ext, R, E, capacity, offsets_t)[:T], ref)
+    # and the reference itself against the brute-force permutation (source row of every slot)
+    if align == 1:
+        assert slots_to_source_rows(ref.tolist(), T, T) == pc.reference(counts, R, E, 1)
+
+
+def test_worked_example():
+    # rank-major rows [r0e0: 0][r0e1: 1 2][r1e0: 3 4 5] -> slots: e0 = rows 0 3 4 5, e1 = rows 1 2
+    ref, counts_t, offsets_t = neutral_slots([1, 2, 3, 0], 2, 2)
+    assert ref.tolist() == [0, 4, 5, 1, 2, 3]
+    assert adapter.permute_slots_eager(counts_t, 2, 2, 6, offsets_t).tolist() == [0, 4, 5, 1, 2, 3]
+
+
+@pytest.mark.parametrize("rows,capacity", [(1, 1024), (1024, 1024), (1025, 2048), (32768, 32768), (40000, 65536)])
+def test_graph_capacity_is_a_power_of_two_bucket(rows, capacity):
+    assert adapter.graph_capacity(rows) == capacity
+
+
+@pytest.mark.parametrize("requested,device,triton_usable,capturing,broken,want", [
+    ("auto", "cpu", True, False, (), "neutral"),
+    ("auto", "cuda", True, False, (), "triton"),
+    ("auto", "cuda", False, False, (), "graph"),
+    ("auto", "cuda", False, True, (), "eager"),       # no graph inside someone else's capture
+    ("auto", "cuda", True, True, (), "triton"),       # a Triton launch can be captured
+    ("auto", "cuda", True, False, ("triton",), "graph"),
+    ("auto", "cuda", True, False, ("triton", "graph"), "eager"),
+    ("graph", "cpu", True, False, (), "graph"),       # forced: returned as it is
+    ("neutral", "cuda", True, False, (), "neutral"),
+])
+def test_choice_of_index_build(requested, device, triton_usable, capturing, broken, want):
+    assert adapter.choose_permute_impl(requested, device, triton_usable=triton_usable, capturing=capturing,
+                                       broken=frozenset(broken)) == want
+
+
+def test_unknown_index_build_is_rejected():
+    p = adapter.TorchPlatform()
+    p.permute_slots_impl = "fused"
+    with pytest.raises(ValueError, match=r"permute_slots_impl must be one of \['auto', 'triton', 'graph', 'eager', "
+                                         r"'neutral'\], got 'fused'"):
+        p.permute_slots(torch.tensor([1]), 1, 1, 1, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager", "neutral"])
+def test_platform_permute_slots_on_cpu(impl):
+    ref, counts_t, offsets_t = neutral_slots([3, 0, 2, 5, 1, 0], 2, 3, align=8)
+    p = adapter.TorchPlatform()
+    p.permute_slots_impl = impl
+    assert torch.equal(p.permute_slots(counts_t.reshape(2, 3), 2, 3, 11, offsets_t), ref)
+
+
+def test_auto_falls_back_once_per_failing_build_and_warns(monkeypatch):
+    # Pretend to be on CUDA with Triton present: the Triton and graph builds both fail here, the eager one runs.
+    real_choose = adapter.choose_permute_impl
+    monkeypatch.setattr(adapter, "choose_permute_impl",
+                        lambda req, dev, **kw: real_choose(req, "cuda", **dict(kw, triton_usable=True)))
+    monkeypatch.setattr(adapter, "triton", object())
+
+    def broken_kernel(*args):
+        raise RuntimeError("no GPU")
+
+    monkeypatch.setattr(adapter, "permute_slots_triton", broken_kernel, raising=False)
+    p = adapter.TorchPlatform()
+    ref, counts_t, offsets_t = neutral_slots([2, 0, 1, 4], 2, 2)
+    with pytest.warns(RuntimeWarning) as seen:
+        assert torch.equal(p.permute_slots(counts_t, 2, 2, 7, offsets_t), ref)
+    messages = [str(w.message) for w in seen]
+    assert len(messages) == 2 and "the triton index build failed (RuntimeError: no GPU)" in messages[0], messages
+    assert "the graph index build failed" in messages[1]
+    assert p._broken_impls == {"triton", "graph"}
+    assert torch.equal(p.permute_slots(counts_t, 2, 2, 7, offsets_t), ref)  # straight to eager, no new warning
+
+
+def test_forced_build_that_cannot_run_raises(monkeypatch):
+    p = adapter.TorchPlatform()
+    p.permute_slots_impl = "triton"
+    monkeypatch.setattr(adapter, "triton", None)
+    with pytest.raises(RuntimeError, match=r"permute_slots_impl='triton' needs the triton package"):
+        p.permute_slots(torch.tensor([1]), 1, 1, 1, torch.tensor([0]))
+
+
+def test_triton_kernel_under_the_interpreter():
+    """The fused kernel on CPU tensors through TRITON_INTERPRET=1 (in a subprocess: the mode is read when the
+    kernel is defined)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import random, torch
+        from platform_adapters import torch as adapter
+        from tests.test_torch_cuda_paths import neutral_slots
+        rng = random.Random(0)
+        cases = [([1, 2, 3, 0], 2, 2), ([0, 0, 5], 1, 3), ([7], 1, 1)]
+        for _ in range(25):
+            R, E = rng.randint(1, 4), rng.randint(1, 40)  # up to 160 blocks: several CHUNK loops
+            counts = [rng.choice([0, 0, 1, 3, 17, 300]) for _ in range(R * E)]
+            cases.append((counts if sum(counts) else [1] + counts[1:], R, E))
+        for counts, R, E in cases:
+            for align in (1, 16):
+                ref, counts_t, offsets_t = neutral_slots(counts, R, E, align)
+                got = adapter.permute_slots_triton(counts_t, R, E, sum(counts), offsets_t)
+                assert torch.equal(got, ref), (counts, R, E, align)
+        print("interpreted kernel ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and "interpreted kernel ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device,nbytes,mode", [("cuda", 8 * 256, "pinned"), ("cuda", 1 << 20, "pinned"),
+                                                 ("cuda", (1 << 20) + 1, "plain"), ("cpu", 8, "plain"),
+                                                 ("npu", 8, "plain")])
+def test_host_copy_mode(device, nbytes, mode):
+    assert adapter.host_copy_mode(device, nbytes) == mode
+
+
+@pytest.mark.parametrize("data,dtype", [([1, 2, 3], "int64"), ((4, 5), "int32"), ([1.5, 2], "float32"),
+                                        ([0.1, 2], "float64"), ([[1, 2], [3, 4]], "float32"), ([1.5, 2.7], "int64"),
+                                        ([True, False], "int64"), ([], "int64"), ([1, 2], "bfloat16")],
+                         ids=["int64", "int32-tuple", "float32", "float64", "nested", "floats-to-int", "bools",
+                              "empty", "no-array-code"])
+def test_host_tensor_equals_torch_tensor(data, dtype):
+    want = torch.tensor(data, dtype=getattr(torch, dtype))
+    got = adapter.host_tensor(data, getattr(torch, dtype))
+    assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+def test_host_tensor_overflow_is_torchs_error():
+    with pytest.raises(RuntimeError, match="overflow"):
+        adapter.host_tensor([2 ** 40], torch.int32)
+
+
+def test_tensor_on_cpu_keeps_dtype_and_device():
+    p = adapter.TorchPlatform()
+    t = p.tensor([1, 2, 3], dtype="int64")
+    assert t.dtype == torch.int64 and t.device.type == "cpu" and t.tolist() == [1, 2, 3]
+    assert p.tensor([[1.5]], dtype="float32", device="cpu").shape == (1, 1)
+
+
+# ---------------------------------------------------------------------- grouped_mm
+
+def _operands(N, K, M, E, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = torch.randn(E, M, K, generator=g).to(dtype).mT  # [E, K, M] as the experts pass it: w.mT of [E, M, K]
+    return x, w
+
+
+def test_grouped_mm_layout_rules():
+    x, w = _operands(10, 16, 24, 3, torch.bfloat16)
+    assert adapter.grouped_mm_layout_ok(x, w)
+    assert adapter.grouped_mm_layout_ok(x, w.contiguous())                  # row-major weights too
+    assert not adapter.grouped_mm_layout_ok(x.float(), w.float())            # fp32: torch's slow fallback
+    assert not adapter.grouped_mm_layout_ok(x[:0], w)                        # no rows
+    assert not adapter.grouped_mm_layout_ok(x[:, :12].contiguous(), w[:, :12])  # K=12: rows of 24 bytes
+    assert not adapter.grouped_mm_layout_ok(x[:, 1:9], w[:, :8])             # base off by 2 bytes
+    assert not adapter.grouped_mm_layout_ok(x, w[:, :8])                     # K mismatch
+    assert not adapter.grouped_mm_device_ok(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 7], [0, 0, 10], [10, 0, 0], [4, 4, 2]])
+def test_grouped_mm_kernel_matches_the_loop_forward_and_backward(counts):
+    # torch._grouped_mm has a CPU kernel: the call the CUDA path makes, checked against the per-expert loop
+    p = adapter.TorchPlatform()
+    x, w = _operands(sum(counts), 16, 24, 3, torch.float32)
+    results = []
+    for fn in (lambda a, b: p._grouped_mm_fast(a, b, counts),
+               lambda a, b: DifferentiableCollectives.grouped_mm(p, a, b, counts)):
+        a, b = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = fn(a, b)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        results.append((y.detach(), a.grad, b.grad))
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(results[0][2][[e for e, n in enumerate(counts) if n == 0]]) == 0  # empty experts
+
+
+def test_grouped_mm_group_ends_are_copied_once_per_counts():
+    p = adapter.TorchPlatform()
+    x, w = _operands(6, 16, 8, 2, torch.float32)
+    p._grouped_mm_fast(x, w, [2, 4])
+    ends = p._group_ends_cache[1]
+    assert ends.dtype == torch.int32 and ends.tolist() == [2, 6]
+    p._grouped_mm_fast(x, w, [2, 4])
+    assert p._group_ends_cache[1] is ends
+    p._grouped_mm_fast(x, w, [5, 1])
+    assert p._group_ends_cache[1].tolist() == [5, 6]
+
+
+def test_grouped_mm_off_cuda_is_the_reference():
+    p = adapter.TorchPlatform()
+    x, w = _operands(5, 16, 8, 2, torch.bfloat16)
+    torch.testing.assert_close(p.grouped_mm(x, w, (2, 3)), DifferentiableCollectives.grouped_mm(p, x, w, [2, 3]))
+    with pytest.raises(ValueError, match=r"grouped_mm: num_tokens_per_expert must be 2 non-negative counts summing "
+                                         r"to the 5 rows, got \[2, 2\]"):
+        p.grouped_mm(x, w, [2, 2])
+
+
+def test_grouped_mm_takes_the_kernel_when_the_device_allows(monkeypatch):
+    monkeypatch.setattr(adapter, "grouped_mm_device_ok", lambda device: True)
+    p = adapter.TorchPlatform()
+    x, w = _operands(5, 16, 8, 2, torch.bfloat16)
+    calls = []
+    real = p._grouped_mm_fast
+    monkeypatch.setattr(p, "_grouped_mm_fast", lambda *a: calls.append(a) or real(*a))
+    p.grouped_mm(x, w, (2, 3))
+    p.grouped_mm(x.float(), w.float(), (2, 3))  # fp32: the loop
+    with pytest.raises(ValueError, match="non-negative counts"):
+        p.grouped_mm(x, w, [1, 1])  # bad counts still reach the reference's check
+    assert len(calls) == 1
