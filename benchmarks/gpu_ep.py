@@ -1,6 +1,7 @@
 """Expert parallelism on CUDA/NCCL, measured side by side in one run: checks first, then timings.
 
     python -m hyper_parallel.launch --nproc N --backend torch benchmarks/gpu_ep.py [--shapes deepseek,qwen]
+        [--layout ep|etp] [--tp 2] [--parts permute,comm,layer]
 
 For each shape (DeepSeek-V3-like and Qwen3-30B-A3B-like, 4096 tokens per rank, top-8), on every rank:
 
@@ -13,7 +14,18 @@ For each shape (DeepSeek-V3-like and Qwen3-30B-A3B-like, 4096 tokens per rank, t
    prototype of it; EP dispatch + combine against a raw ``all_to_all_single`` pair of the same bytes; the experts
    layer forward + backward, ours against the seed algorithm, with other expert GEMMs, and the experts alone.
 
-Rank 0 prints a table last and writes every number to ``$OUT/gpu_ep_w<N>.json`` (``--out`` or ``$OUT`` or ``.``).
+Dispatch and combine are also timed alone, each against the raw ``all_to_all_single`` of its direction, and reported
+as bandwidth: bytes one rank sends + receives in the token all-to-all (rows x hidden x 2, bf16) / time, and as a share
+of the raw call's (raw time / our time).
+
+``--layout etp --tp T`` runs the same measurements with ExpertTensorParallel on a (world/T, T) ("ep", "tp") mesh: the
+ranks of a tp line hold the same tokens, experts are split over ep and each expert's hidden dimension over tp;
+the reference is the seed algorithm over the ep axis with full-hidden experts. Its combine adds a tp all-reduce of
+the received rows, timed alone and inside the raw sequences. ``--parts`` picks the timed parts (permute, comm,
+layer); the checks always run.
+
+Rank 0 prints the tables last and writes every number to ``$OUT/gpu_ep_w<N>.json`` (``gpu_etp_w<N>_ep<E>tp<T>.json``
+for ETP; a ``_<parts>`` suffix when not all parts ran) under ``--out`` or ``$OUT`` or ``.``.
 """
 
 from __future__ import annotations
@@ -38,6 +50,8 @@ import torch.distributed as dist  # noqa: E402
 
 import seed_reference as seed  # noqa: E402
 from hyper_parallel import ExpertParallel, get_platform, init_device_mesh  # noqa: E402
+from hyper_parallel.expert_parallel import ExpertTensorParallel  # noqa: E402
+from hyper_parallel.expert_parallel.dispatch import token_combine, token_dispatch  # noqa: E402
 from hyper_parallel._differentiable import DifferentiableCollectives  # noqa: E402
 from hyper_parallel.expert_parallel.permute import build_permute_indices, permute  # noqa: E402
 from hyper_parallel.moe.experts import GroupedExperts, swiglu_experts  # noqa: E402
@@ -264,11 +278,110 @@ def fwd_bwd(layer_fn, x, counts_G, gy, params):
     return out, grads
 
 
+def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int, D: int, offsets, impls,
+                      checks: dict, times: dict) -> None:
+    """The device copy of the received rows (the floor) and the permute step (index build + gather) of an
+    ``R``-rank EP group with ``E`` local experts, its parts, and the one-kernel prototype."""
+    world = R
+    xs_T = [torch.randn(T, D, device=DEV, dtype=BF16) for _ in range(3)]  # rotated: 3 x T x D >> L2
+    dst = torch.empty_like(xs_T[0])
+    it = iter(range(1 << 30))
+    pick = lambda: xs_T[next(it) % 3]  # noqa: E731
+    n_it, n_w = args.iters, args.warmup
+    times["copy_floor"] = clock.time(lambda: dst.copy_(pick()), n_it, n_w)
+    times["copy_floor"]["bytes"] = 2 * T * D * 2
+    idx = build_permute_indices(counts_RE, host_RE, world, E)
+    times["gather_only"] = clock.time(lambda: pick()[idx.source_row_P], n_it, n_w)
+    for impl in ("neutral", *impls):
+        p.permute_slots_impl = impl
+        times[f"index_build_{impl}"] = clock.time(lambda: p.permute_slots(counts_RE, world, E, T, offsets), n_it, n_w)
+    p.permute_slots_impl = "auto"
+    times["build_permute_indices"] = clock.time(lambda: build_permute_indices(counts_RE, host_RE, world, E),
+                                                n_it, n_w)
+    times["permute_step_package"] = clock.time(
+        lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), n_it, n_w)
+    times["permute_step_no_cat"] = clock.time(
+        lambda: pick()[build_permute_indices(counts_RE, host_RE, world, E).source_row_P], n_it, n_w)
+    if fused_permute is not None and DEV.type == "cuda":
+        want = permute(xs_T[0], idx)
+        best = None
+        for config in FUSED_CONFIGS:
+            fused = lambda: fused_permute(pick(), counts_RE, world, E, config)  # noqa: E731
+            checks[f"fused_permute_prototype_equal_{config}"] = bool(
+                torch.equal(fused_permute(xs_T[0], counts_RE, world, E, config), want))
+            key = f"permute_step_fused_prototype_{config}"
+            times[key] = clock.time(fused, n_it, n_w)
+            times[key + "_back_to_back"] = back_to_back(clock, fused, 10, 2)
+            if best is None or times[key]["us"] < times[best]["us"]:
+                best = key
+        times["permute_step_fused_prototype"] = dict(times[best], config=best)
+        times["permute_step_fused_prototype_back_to_back"] = times[best + "_back_to_back"]
+        del want
+    times["copy_floor_back_to_back"] = back_to_back(clock, lambda: dst.copy_(pick()), 10, 2)
+    times["gather_only_back_to_back"] = back_to_back(clock, lambda: pick()[idx.source_row_P], 10, 2)
+    times["permute_step_package_back_to_back"] = back_to_back(
+        clock, lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), 10, 2)
+    del xs_T, dst
+
+
+
+def a2a_bytes_of(send, recv, me: int, D: int, elem: int = 2) -> dict:
+    """Bytes one rank sends plus receives in a token all-to-all of ``D``-wide rows of ``elem`` bytes (``send[j]`` /
+    ``recv[j]``: rows to / from group rank ``j``; ``me``: this rank's index in the group): every row handed to or
+    returned by ``all_to_all_single`` (``all``), and without the rank's own chunk, which never leaves the GPU
+    (``off_rank``)."""
+    return {"all": (sum(send) + sum(recv)) * D * elem,
+            "off_rank": (sum(send) - send[me] + sum(recv) - recv[me]) * D * elem}
+
+
+def a2a_bytes(p, send, recv, me: int, D: int, elem: int = 2) -> dict:
+    """:func:`a2a_bytes_of`, averaged over the ranks of the world."""
+    mine = a2a_bytes_of(send, recv, me, D, elem)
+    avg = p.all_reduce(torch.tensor([mine["all"], mine["off_rank"]], dtype=torch.float64, device=DEV), "avg")
+    return {"all": float(avg[0]), "off_rank": float(avg[1])}
+
+
+def gb_per_s(nbytes: float, us: float) -> float:
+    """Bandwidth in GB/s (1e9 bytes per second) of ``nbytes`` moved in ``us`` microseconds."""
+    return nbytes / us / 1e3
+
+
+def time_exchange(p, clock, args, x_ND, send, recv, me: int, group, dispatch, combine, res: dict,
+                  tp_group=None) -> None:
+    """Dispatch alone, combine alone and both, each against raw ``all_to_all_single`` calls moving the same rows in
+    the same group (``group``: a torch ProcessGroup; ``None`` is the world). With ``tp_group`` (ETP), also the TP
+    all-reduce of the received rows that the ETP combine adds, alone and in the raw sequences."""
+    times, n_it, n_w = res["times"], args.iters, args.warmup
+    D, T = x_ND.shape[1], sum(recv)
+    buf_T = torch.zeros(T, D, device=DEV, dtype=BF16)  # zeros: the in-place all-reduce below keeps them finite
+    buf_N = torch.empty_like(x_ND)
+    raw_dispatch = lambda: dist.all_to_all_single(buf_T, x_ND, recv, send, group=group)  # noqa: E731
+    raw_combine = lambda: dist.all_to_all_single(buf_N, buf_T, send, recv, group=group)  # noqa: E731
+    if tp_group is not None:
+        reduce_T = lambda: dist.all_reduce(buf_T, group=tp_group)  # noqa: E731
+        times["raw_tp_all_reduce"] = clock.time(reduce_T, n_it, n_w)
+        times["raw_all_to_all_combine_bare"] = clock.time(raw_combine, n_it, n_w)
+        plain_combine = raw_combine
+        raw_combine = lambda: (reduce_T(), plain_combine())  # noqa: E731
+    times["raw_all_to_all_dispatch"] = clock.time(raw_dispatch, n_it, n_w)
+    times["raw_all_to_all_combine"] = clock.time(raw_combine, n_it, n_w)
+    times["raw_all_to_all_pair"] = clock.time(lambda: (raw_dispatch(), raw_combine()), n_it, n_w)
+    nbytes = a2a_bytes(p, send, recv, me, D)
+    res["a2a_bytes_per_rank"] = nbytes
+    times["raw_all_to_all_pair"]["bytes_per_rank"] = 2 * nbytes["all"]
+    del buf_T, buf_N
+    d = dispatch()
+    times["dispatch_ours"] = clock.time(dispatch, n_it, n_w)
+    times["combine_ours"] = clock.time(lambda: combine(d), n_it, n_w)
+    times["dispatch_combine_ours"] = clock.time(lambda: combine(dispatch()), n_it, n_w)
+    del d
+
+
 # ---------------------------------------------------------------------- one shape
 def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     rank, world = p.get_rank(), p.get_world_size()
-    G, E = shape.experts, shape.experts // world
-    res = {"shape": dataclasses.asdict(shape), "local_experts": E, "checks": {}, "times": {}}
+    G, E, D = shape.experts, shape.experts // world, shape.dim
+    res = {"layout": "ep", "shape": dataclasses.asdict(shape), "local_experts": E, "checks": {}, "times": {}}
     checks, times = res["checks"], res["times"]
 
     x_ND, counts_G = routed_batch(shape, G, rank, salt=1)
@@ -358,64 +471,24 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     checks["dispatch_combine_roundtrip_exact"] = bool(torch.equal(ours_dc(), x_ND))
     release()
 
-    # ---- timings: copy floor and the permute step (local to each rank; no barrier needed but it costs nothing)
-    D = shape.dim
-    xs_T = [torch.randn(T, D, device=DEV, dtype=BF16) for _ in range(3)]  # rotated: 3 x T x D >> L2
-    dst = torch.empty_like(xs_T[0])
-    it = iter(range(1 << 30))
-    pick = lambda: xs_T[next(it) % 3]  # noqa: E731
-    n_it, n_w = args.iters, args.warmup
-    times["copy_floor"] = clock.time(lambda: dst.copy_(pick()), n_it, n_w)
-    times["copy_floor"]["bytes"] = 2 * T * D * 2
-    idx = build_permute_indices(counts_RE, host_RE, world, E)
-    times["gather_only"] = clock.time(lambda: pick()[idx.source_row_P], n_it, n_w)
-    for impl in ("neutral", *impls):
-        p.permute_slots_impl = impl
-        times[f"index_build_{impl}"] = clock.time(lambda: p.permute_slots(counts_RE, world, E, T, offsets), n_it, n_w)
-    p.permute_slots_impl = "auto"
-    times["build_permute_indices"] = clock.time(lambda: build_permute_indices(counts_RE, host_RE, world, E),
-                                                n_it, n_w)
-    times["permute_step_package"] = clock.time(
-        lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), n_it, n_w)
-    times["permute_step_no_cat"] = clock.time(
-        lambda: pick()[build_permute_indices(counts_RE, host_RE, world, E).source_row_P], n_it, n_w)
-    if fused_permute is not None and DEV.type == "cuda":
-        want = permute(xs_T[0], idx)
-        best = None
-        for config in FUSED_CONFIGS:
-            fused = lambda: fused_permute(pick(), counts_RE, world, E, config)  # noqa: E731
-            checks[f"fused_permute_prototype_equal_{config}"] = bool(
-                torch.equal(fused_permute(xs_T[0], counts_RE, world, E, config), want))
-            key = f"permute_step_fused_prototype_{config}"
-            times[key] = clock.time(fused, n_it, n_w)
-            times[key + "_back_to_back"] = back_to_back(clock, fused, 10, 2)
-            if best is None or times[key]["us"] < times[best]["us"]:
-                best = key
-        times["permute_step_fused_prototype"] = dict(times[best], config=best)
-        times["permute_step_fused_prototype_back_to_back"] = times[best + "_back_to_back"]
-        del want
-    times["copy_floor_back_to_back"] = back_to_back(clock, lambda: dst.copy_(pick()), 10, 2)
-    times["gather_only_back_to_back"] = back_to_back(clock, lambda: pick()[idx.source_row_P], 10, 2)
-    times["permute_step_package_back_to_back"] = back_to_back(
-        clock, lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), 10, 2)
-    del xs_T, dst
+    # ---- timings: copy floor and the permute step
+    if "permute" in args.parts:
+        time_permute_step(p, clock, args, counts_RE, host_RE, world, E, T, shape.dim, offsets, impls, checks,
+                          times)
 
-    # ---- dispatch + combine against the raw all-to-all pair of the same bytes
+    # ---- dispatch and combine, alone and together, against raw all_to_all_single calls of the same rows
     send = [int(s) for s in counts_G.view(world, E).sum(1).tolist()]
     recv = [int(s) for s in counts_RE.view(world, E).sum(1).tolist()]
-    buf_T = torch.empty(T, D, device=DEV, dtype=BF16)
-    buf_N = torch.empty_like(x_ND)
-
-    def raw_pair():
-        dist.all_to_all_single(buf_T, x_ND, recv, send)
-        dist.all_to_all_single(buf_N, buf_T, send, recv)
-
-    times["raw_all_to_all_pair"] = clock.time(raw_pair, args.iters, n_w)
-    times["raw_all_to_all_pair"]["bytes_per_rank"] = 2 * (sum(send) + T) * D * 2
-    times["dispatch_combine_ours"] = clock.time(ours_dc, args.iters, n_w)
-    times["dispatch_combine_seed"] = clock.time(seed_dc, args.iters, n_w)
-    del buf_T, buf_N
-    release()
+    if "comm" in args.parts:
+        time_exchange(p, clock, args, x_ND, send, recv, rank, None,
+                      lambda: style.dispatch(x_ND, counts_G, mesh),
+                      lambda d: style.combine(d.routed_input, d.meta, mesh), res)
+        times["dispatch_combine_seed"] = clock.time(seed_dc, args.iters, args.warmup)
+        release()
+    if "layer" not in args.parts:
+        del layer, weights, params, x_ND, gy
+        release()
+        return res
 
     # ---- experts layer forward + backward
     times["layer_fwd_bwd_ours"] = guarded(clock, lambda: fwd_bwd(layer, x_ND, counts_G, gy, params),
@@ -457,54 +530,259 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------- one shape, expert + tensor parallel
+def tp_slices(ws, tp_rank: int, tp: int) -> list:
+    """This TP rank's slices (views) of full-hidden ``[w1 [E, H, D], w2 [E, D, H], w3 [E, H, D]]`` (weights or
+    their gradients): H split in ``tp`` equal blocks, the placements ``ExpertTensorParallel`` gives them."""
+    w1, w2, w3 = ws
+    h = w1.shape[1] // tp
+    cut = slice(tp_rank * h, (tp_rank + 1) * h)
+    return [w1[:, cut], w2[:, :, cut], w3[:, cut]]
+
+
+def etp_shards(ws, tp_rank: int, tp: int) -> list:
+    """:func:`tp_slices` of weights as contiguous leaf tensors that require grad."""
+    return [w.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
+            for w in tp_slices(ws, tp_rank, tp)]
+
+
+def our_etp_layer(experts: int, shards, mesh, tp: int):
+    """GroupedExperts + ExpertTensorParallel on a 2-D ("ep", "tp") mesh, holding ``shards`` as its local
+    parameters (built small and swapped after the style is applied, as :func:`our_layer`)."""
+    layer = GroupedExperts(dim=8, hidden_dim=8 * tp, num_experts=experts)
+    style = ExpertTensorParallel()
+    style.apply(layer, mesh)
+    for name, w in zip(("w1", "w2", "w3"), shards):
+        setattr(layer, name, torch.nn.Parameter(w.detach(), requires_grad=True))
+    return layer, style
+
+
+def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
+    """ExpertTensorParallel on an ("ep", "tp") mesh: the experts split over ``ep``, each expert's hidden dimension
+    over ``tp``. The ranks of one tp line hold the same tokens (``shape.tokens`` per rank, as after a
+    tensor-parallel attention block); the reference is the seed algorithm over the ep axis with full-hidden
+    experts, which every rank of a tp line computes whole."""
+    ep_mesh, tp_mesh = mesh["ep"], mesh["tp"]
+    R, TP = ep_mesh.size(), tp_mesh.size()
+    ep_rank, tp_rank = mesh.get_local_rank("ep"), mesh.get_local_rank("tp")
+    ep_group, tp_group = ep_mesh.get_group(), tp_mesh.get_group()
+    G, E, D = shape.experts, shape.experts // R, shape.dim
+    res = {"layout": "etp", "mesh": [R, TP], "shape": dataclasses.asdict(shape), "local_experts": E,
+           "local_hidden": shape.hidden // TP, "checks": {}, "times": {}}
+    checks, times = res["checks"], res["times"]
+
+    def same_along_tp(like, salt):  # seeded by the ep coordinate: equal on the ranks of a tp line
+        g = torch.Generator(device=DEV).manual_seed(1000 * salt + 500 + ep_rank)
+        return torch.randn(like.shape, generator=g, device=DEV, dtype=like.dtype)
+
+    x_ND, counts_G = routed_batch(shape, G, ep_rank, salt=1)
+    gy = same_along_tp(x_ND, 1)
+    full = local_weights(shape, E, ep_rank)  # this ep rank's experts, full hidden: the reference's weights
+    shards = etp_shards(full, tp_rank, TP)
+    layer, style = our_etp_layer(G, shards, mesh, TP)
+    params = [layer.w1, layer.w2, layer.w3]
+
+    # ---- index build variants, exact, on this rank's real counts (R = the ep degree)
+    counts_RE, _ = p.all_to_all_single(counts_G, None, [E] * R, [E] * R, group=ep_group)
+    host_RE = p.tolist(counts_RE)
+    T = sum(host_RE)
+    res["rows_received"] = T
+    offsets = p.tensor([sum(sum(host_RE[e::E]) for e in range(k)) for k in range(E)], dtype="int64")
+    p.permute_slots_impl = "neutral"
+    ref_slots = p.permute_slots(counts_RE, R, E, T, offsets)
+    impls = ("eager", "graph", "triton") if DEV.type == "cuda" else ("eager",)
+    for impl in impls:
+        p.permute_slots_impl = impl
+        checks[f"index_build_{impl}_equal"] = bool(torch.equal(p.permute_slots(counts_RE, R, E, T, offsets),
+                                                               ref_slots))
+    p.permute_slots_impl = "auto"
+
+    # ---- whole layer, full size: ours (bf16, ETP) against the seed algorithm over ep (bf16, full hidden); weight
+    # gradients: our shard against the same slice of the reference's, first 16 local experts
+    seed_fn = lambda x, c: seed.seed_moe_experts(x, c, *full, group=ep_group.native)  # noqa: E731
+    out, grads = fwd_bwd(layer, x_ND, counts_G, gy, params)
+    kept = [out, grads[0]] + [g[:16].clone() for g in grads[1:]]
+    del out, grads
+    out, grads = fwd_bwd(seed_fn, x_ND, counts_G, gy, full)
+    want = [out, grads[0]] + [g[:16] for g in tp_slices(grads[1:], tp_rank, TP)]
+    for what, got, ref in zip(("out", "dx", "dw1[:16]", "dw2[:16]", "dw3[:16]"), kept, want):
+        checks[f"layer_bf16_vs_seed_bf16_{what}_rel_err"] = rel_err(got, ref)
+    del kept, want, out, grads
+    release()
+
+    # ---- whole layer against an fp32 reference, at 8 experts per ep rank
+    small = dataclasses.replace(shape, experts=8 * R)
+    xs, cs = routed_batch(small, small.experts, ep_rank, salt=2)
+    gys = same_along_tp(xs, 2)
+    ws = local_weights(small, 8, ep_rank)
+    small_layer, _ = our_etp_layer(small.experts, etp_shards(ws, tp_rank, TP), mesh, TP)
+    ws32 = [w.detach().float().requires_grad_() for w in ws]
+    got = fwd_bwd(small_layer, xs, cs, gys, [small_layer.w1, small_layer.w2, small_layer.w3])
+    want = fwd_bwd(lambda x, c: seed.seed_moe_experts(x, c, *ws32, group=ep_group.native), xs.float(), cs,
+                   gys.float(), ws32)
+    seed16 = fwd_bwd(lambda x, c: seed.seed_moe_experts(x, c, *ws, group=ep_group.native), xs, cs, gys, ws)
+    flat = lambda r: (r[0], r[1][0], *tp_slices(r[1][1:], tp_rank, TP))  # noqa: E731
+    for what, a, b, c in zip(("out", "dx", "dw1", "dw2", "dw3"), (got[0], *got[1]), flat(want), flat(seed16)):
+        checks[f"layer8_ours_bf16_vs_fp32_{what}_rel_err"] = rel_err(a, b)
+        checks[f"layer8_seed_bf16_vs_fp32_{what}_rel_err"] = rel_err(c, b)
+    del got, want, seed16, small_layer, ws, ws32, xs, gys
+
+    # ---- device-to-host syncs of one dispatch + combine; the round trip (combine sums the tp line's copies)
+    dispatch = lambda: style.dispatch(x_ND, counts_G, mesh)  # noqa: E731
+    combine = lambda d: style.combine(d.routed_input, d.meta, mesh)  # noqa: E731
+    combine(dispatch())  # warm
+    where = syncs_of(lambda: combine(dispatch()))
+    if where is not None:
+        checks["dispatch_combine_syncs_ours"] = [len(w) for w in where]
+        checks["dispatch_combine_sync_sites_ours"] = sorted(set(sum(where, [])))
+    checks["dispatch_combine_roundtrip_exact_tp_times_input"] = bool(torch.equal(combine(dispatch()), x_ND * TP))
+    release()
+
+    # ---- timings
+    if "permute" in args.parts:
+        time_permute_step(p, clock, args, counts_RE, host_RE, R, E, T, D, offsets, impls, checks, times)
+    send = [int(s) for s in counts_G.view(R, E).sum(1).tolist()]
+    recv = [int(s) for s in counts_RE.view(R, E).sum(1).tolist()]
+    if "comm" in args.parts:
+        time_exchange(p, clock, args, x_ND, send, recv, ep_rank, ep_group.native, dispatch, combine, res,
+                      tp_group=tp_group.native)
+        release()
+    if "layer" in args.parts:
+        times["layer_fwd_bwd_ours"] = guarded(clock, lambda: fwd_bwd(layer, x_ND, counts_G, gy, params),
+                                              args.layer_iters, 2)
+        release()
+        times["layer_fwd_bwd_seed"] = guarded(clock, lambda: fwd_bwd(seed_fn, x_ND, counts_G, gy, full),
+                                              args.layer_iters, 2)
+        release()
+        # EP alone on the ep axis with full-hidden experts (what ExpertParallel runs; each rank of a tp line then
+        # repeats the work). Built from token_dispatch / token_combine: ExpertParallel.apply on the mesh["ep"]
+        # sub-mesh fails on ranks outside rank 0's line ("src_data_rank 0 is not in the mesh").
+        def ep_only(x, c):
+            d = token_dispatch(x, c, ep_group)
+            return token_combine(swiglu_experts(d.routed_input, d.num_tokens_per_expert, *full), d.meta)
+
+        times["layer_fwd_bwd_ep_only_full_hidden"] = guarded(
+            clock, lambda: fwd_bwd(ep_only, x_ND, counts_G, gy, full), args.layer_iters, 2)
+        release()
+        tokens_per_expert = [sum(host_RE[e::E]) for e in range(E)]
+        x_TD = torch.randn(T, D, device=DEV, dtype=BF16)
+        gy_TD = torch.randn_like(x_TD)
+        for key, ws_ in (("experts_fwd_bwd_ours", shards), ("experts_fwd_bwd_full_hidden", full)):
+            times[key] = guarded(clock, lambda: fwd_bwd(lambda x, c: swiglu_experts(x, tokens_per_expert, *ws_),
+                                                        x_TD, None, gy_TD, ws_), args.layer_iters, 2)
+        del x_TD, gy_TD
+        flops = 3 * 2 * 3 * T * shape.dim * (shape.hidden // TP)
+        res["layer_tflops_ours"] = flops / times["layer_fwd_bwd_ours"]["us"] / 1e6
+    del layer, full, shards, params, x_ND, gy
+    release()
+    return res
+
+
 # ---------------------------------------------------------------------- report
+def gpus_label(r: dict, world: int):
+    return world if r["layout"] == "ep" else f"{world} (ep{r['mesh'][0]} x tp{r['mesh'][1]})"
+
+
 def summary_rows(name: str, r: dict, world: int) -> list[tuple]:
     t = r["times"]
     us = lambda k: t[k]["us"]  # noqa: E731
-    floor = us("copy_floor")
-    rows = [(name, world, "copy floor (T x D rows, read+write)", floor, "", "", "", ""),
-            (name, world, "gather alone x[idx]", us("gather_only"), "copy", us("gather_only") / floor, "", "")]
-    for impl, label in (("neutral", "neutral (2 hidden syncs)"), ("eager", "eager + output_size"),
-                        ("graph", "CUDA graph"), ("triton", "Triton")):
-        if f"index_build_{impl}" in t:
-            rows.append((name, world, f"index build: {label}", us(f"index_build_{impl}"), "", "", "", ""))
-    for key, label in (("permute_step_no_cat", "permute step: build + gather"),
-                       ("permute_step_package", "permute step as dispatch runs it (+cat)"),
-                       ("permute_step_fused_prototype", "permute step, one fused kernel (prototype)")):
-        if key not in t:
-            continue
-        ratio = us(key) / floor
-        rows.append((name, world, label, us(key), "copy", ratio, "<= 1.15", "yes" if ratio <= 1.15 else "no"))
-    b2b_floor = us("copy_floor_back_to_back")
-    rows.append((name, world, "copy floor, back to back", b2b_floor, "", "", "", ""))
-    for key, label in (("gather_only_back_to_back", "gather alone, back to back"),
-                       ("permute_step_package_back_to_back", "permute step as dispatch runs it, back to back"),
-                       ("permute_step_fused_prototype_back_to_back", "fused prototype, back to back")):
-        if key in t:
-            rows.append((name, world, label, us(key), "copy b2b", us(key) / b2b_floor, "", ""))
-    raw = us("raw_all_to_all_pair")
-    rows.append((name, world, "raw all_to_all_single pair", raw, "", "", "", ""))
-    for key, label in (("dispatch_combine_ours", "dispatch+combine ours"),
-                       ("dispatch_combine_seed", "dispatch+combine seed")):
-        ratio = us(key) / raw
-        target = "<= 1.10" if key.endswith("ours") else ""
-        met = ("yes" if ratio <= 1.10 else "no") if target else ""
-        rows.append((name, world, label, us(key), "raw a2a", ratio, target, met))
-    ours, seed_t = us("layer_fwd_bwd_ours"), us("layer_fwd_bwd_seed")
-    rows.append((name, world, "layer fwd+bwd seed reference", seed_t, "", "", "", ""))
-    rows.append((name, world, "layer fwd+bwd ours (speedup)", ours, "seed/ours", seed_t / ours, ">= 1.3",
-                 "yes" if seed_t / ours >= 1.3 else "no"))
-    for key, label in (("layer_fwd_bwd_ours_unbind_loop_experts", "layer fwd+bwd ours, cuBLAS-loop experts"),
-                       ("layer_fwd_bwd_ours_neutral_loop_experts", "layer fwd+bwd ours, neutral-loop experts"),
-                       ("experts_fwd_bwd_ours", "experts alone fwd+bwd, ours (_grouped_mm)"),
-                       ("experts_fwd_bwd_seed_loop", "experts alone fwd+bwd, seed loop")):
-        if key in t:
-            rows.append((name, world, label, us(key), "", "", "", ""))
+    etp = r["layout"] == "etp"
+    gpus = gpus_label(r, world)
+    rows = []
+    if "copy_floor" in t:
+        floor = us("copy_floor")
+        rows += [(name, gpus, "copy floor (T x D rows, read+write)", floor, "", "", "", ""),
+                 (name, gpus, "gather alone x[idx]", us("gather_only"), "copy", us("gather_only") / floor, "", "")]
+        for impl, label in (("neutral", "neutral (2 hidden syncs)"), ("eager", "eager + output_size"),
+                            ("graph", "CUDA graph"), ("triton", "Triton")):
+            if f"index_build_{impl}" in t:
+                rows.append((name, gpus, f"index build: {label}", us(f"index_build_{impl}"), "", "", "", ""))
+        for key, label in (("permute_step_no_cat", "permute step: build + gather (as dispatch runs it at align 1)"),
+                           ("permute_step_package", "permute step: permute() (no cat at align 1 since b2f5d42)"),
+                           ("permute_step_fused_prototype", "permute step, one fused kernel (prototype)")):
+            if key not in t:
+                continue
+            ratio = us(key) / floor
+            rows.append((name, gpus, label, us(key), "copy", ratio, "<= 1.15", "yes" if ratio <= 1.15 else "no"))
+        b2b_floor = us("copy_floor_back_to_back")
+        rows.append((name, gpus, "copy floor, back to back", b2b_floor, "", "", "", ""))
+        for key, label in (("gather_only_back_to_back", "gather alone, back to back"),
+                           ("permute_step_package_back_to_back", "permute step, back to back"),
+                           ("permute_step_fused_prototype_back_to_back", "fused prototype, back to back")):
+            if key in t:
+                rows.append((name, gpus, label, us(key), "copy b2b", us(key) / b2b_floor, "", ""))
+    if "raw_all_to_all_pair" in t:
+        raw = us("raw_all_to_all_pair")
+        rows.append((name, gpus, "raw a2a + tp all_reduce + a2a" if etp else "raw all_to_all_single pair", raw,
+                     "", "", "", ""))
+        for key, label in (("dispatch_combine_ours", "dispatch+combine ours" + (" (ETP)" if etp else "")),
+                           ("dispatch_combine_seed", "dispatch+combine seed")):
+            if key not in t:
+                continue
+            ratio = us(key) / raw
+            target = "<= 1.10" if key.endswith("ours") else ""
+            met = ("yes" if ratio <= 1.10 else "no") if target else ""
+            rows.append((name, gpus, label, us(key), "raw", ratio, target, met))
+    if "layer_fwd_bwd_ours" in t:
+        ours, seed_t = us("layer_fwd_bwd_ours"), us("layer_fwd_bwd_seed")
+        if etp:
+            rows.append((name, gpus, "layer fwd+bwd seed reference (EP over ep, full-hidden experts)", seed_t,
+                         "", "", "", ""))
+            rows.append((name, gpus, "layer fwd+bwd ours, ExpertTensorParallel", ours, "seed/ours", seed_t / ours,
+                         "", ""))
+        else:
+            rows.append((name, gpus, "layer fwd+bwd seed reference", seed_t, "", "", "", ""))
+            rows.append((name, gpus, "layer fwd+bwd ours (speedup)", ours, "seed/ours", seed_t / ours, ">= 1.3",
+                         "yes" if seed_t / ours >= 1.3 else "no"))
+        for key, label in (("layer_fwd_bwd_ep_only_full_hidden",
+                            "layer fwd+bwd ours, EP over ep only, full-hidden experts (no TP)"),
+                           ("layer_fwd_bwd_ours_unbind_loop_experts", "layer fwd+bwd ours, cuBLAS-loop experts"),
+                           ("layer_fwd_bwd_ours_neutral_loop_experts", "layer fwd+bwd ours, neutral-loop experts"),
+                           ("experts_fwd_bwd_ours", "experts alone fwd+bwd, ours (_grouped_mm)"
+                            + (", tp shard" if etp else "")),
+                           ("experts_fwd_bwd_full_hidden", "experts alone fwd+bwd, ours, full hidden"),
+                           ("experts_fwd_bwd_seed_loop", "experts alone fwd+bwd, seed loop")):
+            if key in t:
+                rows.append((name, gpus, label, us(key), "", "", "", ""))
     return rows
 
 
-def print_table(rows, checks_by_shape) -> None:
-    print("\nchecks (relative errors; bf16 operands land between 1e-3 and 1e-2):")
+def bandwidth_rows(name: str, r: dict, world: int) -> list[tuple]:
+    """Dispatch and combine alone against the raw ``all_to_all_single`` of the same rows (see ``BANDWIDTH``)."""
+    t, nbytes = r["times"], r.get("a2a_bytes_per_rank")
+    if not nbytes or "dispatch_ours" not in t:
+        return []
+    gpus, etp = gpus_label(r, world), r["layout"] == "etp"
+    rows = []
+
+    def row(label, key, raw_key, counted=True):
+        us = t[key]["us"]
+        b = nbytes if counted else None
+        rows.append((name, gpus, label, us, b["all"] / 1e6 if b else "", gb_per_s(b["all"], us) if b else "",
+                     gb_per_s(b["off_rank"], us) if b else "", t[raw_key]["us"] / us if raw_key else ""))
+
+    row("raw all_to_all_single, dispatch direction", "raw_all_to_all_dispatch", "raw_all_to_all_dispatch")
+    row("dispatch ours" + (" (ETP)" if etp else ""), "dispatch_ours", "raw_all_to_all_dispatch")
+    if etp:
+        row("raw tp all_reduce of the [T, D] rows alone (not an all-to-all)", "raw_tp_all_reduce", None, False)
+        row("raw all_to_all_single, combine direction, alone", "raw_all_to_all_combine_bare",
+            "raw_all_to_all_combine_bare")
+        row("raw tp all_reduce + all_to_all_single, combine direction", "raw_all_to_all_combine",
+            "raw_all_to_all_combine")
+        row("combine ours (ETP: tp all_reduce + unpermute + a2a)", "combine_ours", "raw_all_to_all_combine")
+    else:
+        row("raw all_to_all_single, combine direction", "raw_all_to_all_combine", "raw_all_to_all_combine")
+        row("combine ours", "combine_ours", "raw_all_to_all_combine")
+    return rows
+
+
+BANDWIDTH = ("GB/s = bytes one rank sends + receives in the token all_to_all_single (rows x D x 2 bytes, bf16; "
+             "mean over ranks) / time (max over ranks of the per-rank medians); the off-rank column leaves out the "
+             "rank's own chunk. share of raw = raw time / our time (= our GB/s / raw GB/s, same bytes).")
+
+
+def print_table(rows, checks_by_shape, bw_rows=()) -> None:
+    print("\nchecks (worst over ranks; relative errors; bf16 operands land between 1e-3 and 1e-2):")
     for name, checks in checks_by_shape.items():
         for k, v in checks.items():
             print(f"  {name:8s} {k:44s} {v:.2e}" if isinstance(v, float) else f"  {name:8s} {k:44s} {v}")
@@ -513,43 +791,84 @@ def print_table(rows, checks_by_shape) -> None:
     for name, world, label, us, vs, ratio, target, met in rows:
         ratio = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
         print(f"| {name} | {world} | {label} | {us:.1f} | {vs} | {ratio} | {target} | {met} |")
+    if bw_rows:
+        print("\n" + BANDWIDTH)
+        print("\n| shape | GPUs | step | time (us, max over ranks) | MB per rank (sent + received) | GB/s | "
+              "GB/s, off-rank rows only | share of raw |")
+        print("|---|---|---|---|---|---|---|---|")
+        fmt = lambda v, f: format(v, f) if isinstance(v, float) else v  # noqa: E731
+        for name, world, label, us, mb, gbs, gbs_off, share in bw_rows:
+            print(f"| {name} | {world} | {label} | {us:.1f} | {fmt(mb, '.1f')} | {fmt(gbs, '.1f')} | "
+                  f"{fmt(gbs_off, '.1f')} | {fmt(share, '.2f')} |")
+
+
+def worst_over_ranks(p, checks: dict) -> None:
+    """Replace each float check by its maximum over ranks and each boolean by its conjunction (in place)."""
+    keys = [k for k, v in checks.items() if isinstance(v, (bool, float))]
+    if not keys:
+        return
+    vals = [(0.0 if checks[k] else 1.0) if isinstance(checks[k], bool) else checks[k] for k in keys]
+    worst = p.all_reduce(torch.tensor(vals, dtype=torch.float64, device=DEV), "max").tolist()
+    for k, w in zip(keys, worst):
+        checks[k] = (w == 0.0) if isinstance(checks[k], bool) else w
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="deepseek,qwen", help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--layout", choices=("ep", "etp"), default="ep",
+                    help="ep: ExpertParallel on a 1-D mesh of every rank; etp: ExpertTensorParallel on a 2-D "
+                         "(ep, tp) mesh of world/tp x tp ranks")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of --layout etp")
+    ap.add_argument("--parts", default="permute,comm,layer",
+                    help="comma-separated timed parts: permute, comm, layer (the checks always run)")
     ap.add_argument("--iters", type=int, default=50, help="timed repetitions of the copy/permute/dispatch steps")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layer-iters", type=int, default=10, help="timed repetitions of the layer forward+backward")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_ep_w<N>.json")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON report")
     args = ap.parse_args(argv)
+    args.parts = set(args.parts.split(","))
+    unknown = args.parts - {"permute", "comm", "layer"}
+    if unknown:
+        ap.error(f"unknown --parts {sorted(unknown)}")
 
     p = get_platform()
     p.init_process_group()
     rank, world = p.get_rank(), p.get_world_size()
     global DEV
     DEV = p.device
-    mesh = init_device_mesh(DEV.type, (world,), mesh_dim_names=("ep",))
+    if args.layout == "etp":
+        if args.tp < 1 or world % args.tp:
+            ap.error(f"--tp {args.tp} must divide the world size {world}")
+        mesh = init_device_mesh(DEV.type, (world // args.tp, args.tp), mesh_dim_names=("ep", "tp"))
+        runner, stem = run_shape_etp, f"gpu_etp_w{world}_ep{world // args.tp}tp{args.tp}"
+    else:
+        mesh = init_device_mesh(DEV.type, (world,), mesh_dim_names=("ep",))
+        runner, stem = run_shape, f"gpu_ep_w{world}"
+    if args.parts != {"permute", "comm", "layer"}:
+        stem += "_" + "-".join(sorted(args.parts))
     clock = Clock(p)
     report = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "world": world,
-              "versions": p.versions(),
+              "layout": args.layout, "versions": p.versions(),
               "triton": getattr(adapter.triton, "__version__", None),
-              "date": datetime.date.today().isoformat(), "argv": sys.argv, "shapes": {}}
-    rows = []
+              "date": datetime.date.today().isoformat(), "argv": sys.argv, "bandwidth": BANDWIDTH, "shapes": {}}
+    rows, bw_rows = [], []
     for name in args.shapes.split(","):
-        r = run_shape(name, SHAPES[name], args, p, mesh, clock)
+        r = runner(name, SHAPES[name], args, p, mesh, clock)
+        worst_over_ranks(p, r["checks"])
         report["shapes"][name] = r
         rows += summary_rows(name, r, world)
+        bw_rows += bandwidth_rows(name, r, world)
         if rank == 0:
             print(f"[{name}] done: {json.dumps(r['checks'])}", flush=True)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"gpu_ep_w{world}.json")
+        path = os.path.join(args.out, stem + ".json")
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"\n{report['device']} x{world}, torch {report['versions'].get('torch')}, "
+        print(f"\n{report['device']} x{world}, layout {args.layout}, torch {report['versions'].get('torch')}, "
               f"triton {report['triton']}; full numbers in {path}")
-        print_table(rows, {n: r["checks"] for n, r in report["shapes"].items()})
+        print_table(rows, {n: r["checks"] for n, r in report["shapes"].items()}, bw_rows)
     p.barrier()
     p.destroy_process_group()
     return 0

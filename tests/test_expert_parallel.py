@@ -29,6 +29,11 @@ def test_expert_tensor_parallel_2x2(worlds, backend, pattern):
     assert all(c == {"all_to_all_single": 3, "host_sync": 1, "all_reduce": 1} for c in calls), calls
 
 
+def test_expert_parallel_on_a_submesh(worlds, backend):
+    calls = worlds.run(backend, 4, ep.experts_match_single_device, "ep_submesh", "random")
+    assert all(c == {"all_to_all_single": 3, "host_sync": 1} for c in calls), calls
+
+
 @pytest.mark.parametrize("style", ["ep", "etp"])
 def test_one_style_object_serves_two_layers(worlds, backend, style):
     worlds.run(backend, 4, ep.experts_match_single_device, style, "random", two_layers=True)

@@ -263,3 +263,67 @@ def test_grouped_mm_takes_the_kernel_when_the_device_allows(monkeypatch):
     with pytest.raises(ValueError, match="non-negative counts"):
         p.grouped_mm(x, w, [1, 1])  # bad counts still reach the reference's check
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------- benchmarks/gpu_ep.py: CPU-checkable logic
+@pytest.fixture(scope="module")
+def gpu_ep():
+    """The benchmark script as a module, imported without leaving its environment default or path entries."""
+    import importlib.util
+
+    saved_env, saved_path = os.environ.get("HYPER_PARALLEL_PLATFORM"), list(sys.path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gpu_ep_under_test", os.path.join(root, "benchmarks", "gpu_ep.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path[:] = saved_path
+        if saved_env is None:
+            os.environ.pop("HYPER_PARALLEL_PLATFORM", None)
+        else:
+            os.environ["HYPER_PARALLEL_PLATFORM"] = saved_env
+    return module
+
+
+def test_all_to_all_bytes_count_every_row_and_the_off_rank_rows(gpu_ep):
+    # rank 1 of 2 sends 3 rows to rank 0 and 5 to itself, receives 4 from rank 0 and 2 from itself; D=7, bf16
+    got = gpu_ep.a2a_bytes_of([3, 5], [4, 2], 1, 7)
+    assert got == {"all": (8 + 6) * 7 * 2, "off_rank": (3 + 4) * 7 * 2}
+    assert gpu_ep.gb_per_s(2e9, 1e6) == 2.0  # 2 GB in one second
+
+
+def test_etp_shards_sum_to_the_full_hidden_experts(gpu_ep):
+    g = torch.Generator().manual_seed(0)
+    E, H, D, tp = 3, 8, 5, 2
+    full = [torch.randn(E, H, D, generator=g, dtype=torch.float64), torch.randn(E, D, H, generator=g,
+                                                                                 dtype=torch.float64),
+            torch.randn(E, H, D, generator=g, dtype=torch.float64)]
+    x = torch.randn(4, D, generator=g, dtype=torch.float64)
+
+    def swiglu(w1, w2, w3):
+        return torch.stack([(torch.nn.functional.silu(x @ a.T) * (x @ c.T)) @ b.T for a, b, c in zip(w1, w2, w3)])
+
+    shards = [gpu_ep.etp_shards(full, r, tp) for r in range(tp)]
+    assert all(s.is_contiguous() and s.requires_grad and s.is_leaf for ss in shards for s in ss)
+    assert [list(s.shape) for s in shards[0]] == [[E, H // tp, D], [E, D, H // tp], [E, H // tp, D]]
+    torch.testing.assert_close(sum(swiglu(*[s.detach() for s in ss]) for ss in shards), swiglu(*full))
+    # the gradient slices the checks compare against are the same cut
+    for r in range(tp):
+        for s, v in zip(shards[r], gpu_ep.tp_slices(full, r, tp)):
+            assert torch.equal(s.detach(), v)
+
+
+def test_checks_are_reduced_to_their_worst_over_ranks(gpu_ep, monkeypatch):
+    monkeypatch.setattr(gpu_ep, "DEV", torch.device("cpu"))
+
+    class TwoRanks:  # the other rank: err 3e-3, ok False, bad True
+        def all_reduce(self, t, op):
+            assert op == "max"
+            return torch.maximum(t, torch.tensor([3e-3, 1.0, 0.0], dtype=t.dtype))
+
+    checks = {"err": 1.5e-3, "ok": True, "bad": False, "impl": "triton", "syncs": [1, 1]}
+    gpu_ep.worst_over_ranks(TwoRanks(), checks)
+    assert checks == {"err": 3e-3, "ok": False, "bad": False, "impl": "triton", "syncs": [1, 1]}

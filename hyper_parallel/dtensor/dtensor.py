@@ -15,7 +15,7 @@ from typing import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor._redistribute import grad_placements_of, local_shape, redistribute, redistribute_local
-from hyper_parallel.dtensor.device_mesh import DeviceMesh, _group_of
+from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.placement import Placement, Replicate, Shard
 
 __all__ = ["DTensor", "distribute_tensor"]
@@ -126,17 +126,27 @@ def distribute_tensor(tensor, device_mesh: DeviceMesh, placements: Sequence[Plac
     """Lay out a full ``tensor`` over ``device_mesh``. Every rank of the world calls it.
 
     Args:
-        src_data_rank: global rank whose ``tensor`` is the truth; it is broadcast to the mesh first. ``None``
-            uses each rank's own ``tensor`` without communication (they must agree).
+        src_data_rank: as in torch, the group rank, on every mesh axis, whose ``tensor`` is the truth: it is
+            broadcast along each axis in turn (so with the default 0, from the mesh's first rank; this also holds
+            for a sub-mesh such as ``mesh["ep"]``, whose first rank differs between ranks). ``None`` uses each
+            rank's own ``tensor`` without communication (they must agree).
 
     Partial placements put the value on the first rank of the axis and zeros on the others.
+
+    Raises:
+        ValueError: ``src_data_rank`` is not a group rank of every mesh axis.
     """
     p = get_platform()
     placements = normalize_placements(placements, device_mesh, len(tensor.shape))
     if src_data_rank is not None:
-        if src_data_rank not in device_mesh.ranks:
-            raise ValueError(f"src_data_rank {src_data_rank} is not in the mesh (ranks {list(device_mesh.ranks)})")
-        tensor = p.broadcast(tensor, src=src_data_rank, group=_group_of(tuple(sorted(device_mesh.ranks))))
+        if not 0 <= src_data_rank < min(device_mesh.shape):
+            raise ValueError(f"src_data_rank must be a group rank of every mesh axis, in [0, "
+                             f"{min(device_mesh.shape)}) for mesh shape {list(device_mesh.shape)}; got {src_data_rank}")
+        # along existing axis groups only: a group over the whole (sub-)mesh would have to be created by every
+        # rank of the world, which ranks of other sub-meshes never do
+        for axis in range(device_mesh.ndim):
+            group = device_mesh.get_group(axis)
+            tensor = p.broadcast(tensor, src=group.ranks[src_data_rank], group=group)
     shape = tuple(tensor.shape)
     start = tuple(Replicate() for _ in placements)
     target = tuple(Replicate() if q.is_partial() else q for q in placements)

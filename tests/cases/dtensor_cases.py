@@ -310,8 +310,14 @@ def mesh_from_nested_lists():
     d = DTensor.from_local(_t(np.ones((2, 2))), line, [Replicate()])
     assert "DTensor(shape=[2, 2]" in repr(d) and d.ndim == 2 and d.dtype == d.to_local().dtype
     _raises(ValueError, r"across meshes is not supported", d.redistribute, mesh, [Replicate(), Replicate()])
-    _raises(ValueError, r"src_data_rank 9 is not in the mesh", distribute_tensor, _t(np.ones(2)), line, [Replicate()],
-            src_data_rank=9)
+    _raises(ValueError, r"in \[0, 4\) for mesh shape \[4\]; got 9", distribute_tensor, _t(np.ones(2)), line,
+            [Replicate()], src_data_rank=9)
+    # a sub-mesh whose first rank is not rank 0: each line takes its own first rank's data
+    column = mesh["a"]  # ranks {0, 2} or {1, 3}
+    d = distribute_tensor(_t(np.full((4, 2), float(rank))), column, [Shard(0)])
+    np.testing.assert_allclose(_host(d.full_tensor()), np.full((4, 2), float(column.ranks[0])))
+    d = distribute_tensor(_t(np.full((4, 2), float(rank))), mesh, [Shard(0), Replicate()], src_data_rank=1)
+    np.testing.assert_allclose(_host(d.full_tensor()), np.full((4, 2), 3.0))  # coordinate (1, 1) is rank 3
     _raises(ValueError, r"has no parameter 'nope'", __import__("hyper_parallel").distribute_parameter,
             make_mlp(2, 2, 2).w1, "nope", line, [Replicate()])
     _raises(ValueError, r"no recorded layout", full_parameter, make_mlp(2, 2, 2).w1.weight)

@@ -50,6 +50,8 @@ def _layout(style: str):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         return mesh, TensorParallel(), 0, 1
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ep", "tp"))
+    if style == "ep_submesh":  # EP on one axis of a 2-D mesh: the lines {0, 2} and {1, 3} each hold all experts
+        return mesh["ep"], ExpertParallel(), mesh.get_local_rank("ep"), 2
     return mesh, ExpertTensorParallel(), mesh.get_local_rank("ep"), 2
 
 
