@@ -7,22 +7,9 @@
 #   VENV=/path bash ci/test.sh # reuse a virtual environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-VENV=${VENV:-$ROOT/.venv}
 FAIL_UNDER=${FAIL_UNDER:-90}
-
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-PY=$VENV/bin/python
-# torch is pinned to the CPU build on this machine's disk: a bare `torch` would pull a multi-GB CUDA build.
-"$PY" -m pip install -q torch==2.13.0 'numpy<2'
-"$PY" -m pip install -q mindspore==2.10.0 'numpy<2'
-"$PY" -m pip install -q -e ".[test]" 'numpy<2'
-
-# MindSpore logs: warnings and errors only, into a scratch directory (it must exist when logtostderr=0).
-export GLOG_v=3 GLOG_logtostderr=0 GLOG_log_dir="$(mktemp -d)"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# the virtual environment ($VENV, default .venv), both frameworks, the test tools; sets ROOT, VENV, PY
+source ci/setup.sh
 REPORTS=$(mktemp -d)
 rm -f .coverage .coverage.*
 

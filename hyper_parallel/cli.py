@@ -2,6 +2,15 @@
 
 ``hyper-parallel info [--json]``: the resolved backend, installed framework versions, the device, which adapters can
 be imported, and the launcher environment this process sees.
+
+``hyper-parallel demo [options]``: train a small MoE on N local processes and check it against a single-process
+run (see :mod:`hyper_parallel.demo`; ``hyper-parallel demo --help``).
+
+``hyper-parallel bench [options]``: CPU benchmarks of the permutation and the EP dispatch + combine (see
+:mod:`hyper_parallel.bench`; ``hyper-parallel bench --help``).
+
+``demo`` and ``bench`` own their options: everything after the subcommand is handed to them, and their modules
+(and frameworks) are imported only when they run.
 """
 
 from __future__ import annotations
@@ -65,7 +74,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show the resolved backend, framework versions, device and world env")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
+    # add_help=False: `demo --help` reaches the subcommand's own parser with the rest of the arguments
+    sub.add_parser("demo", add_help=False, help="train a small MoE on N local processes; check it against one "
+                                                "process (hyper-parallel demo --help)")
+    sub.add_parser("bench", add_help=False, help="CPU benchmarks: permutation, EP dispatch + combine, torch vs "
+                                                 "MindSpore (hyper-parallel bench --help)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from hyper_parallel.demo import main as demo_main
+
+        return demo_main(rest)
+    if args.command == "bench":
+        from hyper_parallel.bench import main as bench_main
+
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         data = collect_info()
         if args.json:

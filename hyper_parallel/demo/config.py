@@ -1,0 +1,190 @@
+"""The demo's options, how ``--nproc``, ``--ep`` and ``--tp`` become a layout, and every check on them.
+
+Nothing here imports a framework: the checks run before any process is started, so bad input costs nothing and
+leaves nothing behind.
+
+The processes form an ``ep x tp`` grid (``ep * tp = nproc``). The ``ep`` axis doubles as the data-parallel axis
+(expert parallelism borrows the data-parallel ranks, as in torchtitan): each of its ranks trains on its own equal
+shard of the global batch, while the ranks of one ``tp`` line hold the same tokens.
+
+| given | layout |
+|---|---|
+| nothing | even ``nproc >= 4``: ``tp = 2``, ``ep = nproc / 2`` (4 processes: ETP 2x2); else ``ep = nproc`` |
+| ``--ep`` only | ``tp = nproc / ep`` |
+| ``--tp`` only | ``ep = nproc / tp`` |
+| both | ``ep * tp`` must equal ``nproc`` |
+
+``ep > 1, tp > 1``: :class:`~hyper_parallel.ExpertTensorParallel`; ``tp = 1``: :class:`~hyper_parallel.ExpertParallel`;
+``ep = 1``: :class:`~hyper_parallel.TensorParallel`; one process: no style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+
+from hyper_parallel import _select
+
+#: Backends the demo can compare with ``--compare-backends``, in the order they run.
+COMPARE_BACKENDS = ("torch", "mindspore")
+#: Largest allowed ``max |loss_parallel - loss_reference|`` over the steps (fp32).
+PARITY_ABS_TOL = 1e-5
+#: Largest allowed per-step ``|loss_torch - loss_mindspore| / |loss_torch|`` under ``--compare-backends``.
+CROSS_BACKEND_REL_TOL = 1e-4
+
+
+class DemoInputError(ValueError):
+    """Bad demo input: reported as one line, exit code 2, before anything is launched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model, the task and the optimizer: everything a rank needs besides its layout."""
+
+    seed: int = 0
+    tokens: int = 512          # global batch: tokens per step, over all data-parallel ranks
+    dim: int = 32              # model dimension D
+    hidden: int = 64           # each routed expert's hidden size H (the shared expert has the same)
+    experts: int = 8           # routed experts per layer
+    top_k: int = 2
+    layers: int = 3
+    shared_experts: int = 1
+    init_std: float = 0.1
+    teacher_hidden: int = 16
+    lr: float = 2.0
+    momentum: float = 0.9
+    bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free balancing, per step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run: a backend on a layout (``ep = tp = 1`` on one process is the reference)."""
+
+    backend: str
+    nproc: int
+    ep: int
+    tp: int
+    steps: int
+    model: ModelConfig
+
+    @property
+    def style(self) -> str:
+        if self.ep > 1 and self.tp > 1:
+            return "ExpertTensorParallel"
+        if self.ep > 1:
+            return "ExpertParallel"
+        if self.tp > 1:
+            return "TensorParallel"
+        return "single process"
+
+    @property
+    def layout(self) -> str:
+        """Short layout name for tables and legends: ``ETP 2x2``, ``EP 4``, ``TP 2``, ``single``."""
+        if self.ep > 1 and self.tp > 1:
+            return f"ETP {self.ep}x{self.tp}"
+        if self.ep > 1:
+            return f"EP {self.ep}"
+        if self.tp > 1:
+            return f"TP {self.tp}"
+        return "single"
+
+    @property
+    def data_parallel(self) -> int:
+        """How many distinct shards the global batch is cut into (the ``ep`` axis)."""
+        return self.ep
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        d = json.loads(text)
+        d["model"] = ModelConfig(**d["model"])
+        return cls(**d)
+
+
+def resolve_layout(nproc: int, ep: int | None, tp: int | None) -> tuple[int, int]:
+    """``(ep, tp)`` from the options (table in the module docstring).
+
+    Raises:
+        DemoInputError: a size is not positive, or the sizes do not form an ``ep x tp = nproc`` grid.
+    """
+    for flag, value in (("--nproc", nproc), ("--ep", ep), ("--tp", tp)):
+        if value is not None and value < 1:
+            raise DemoInputError(f"{flag} {value} is not allowed: it must be a positive integer")
+    if ep is None and tp is None:
+        tp = 2 if nproc >= 4 and nproc % 2 == 0 else 1
+        return nproc // tp, tp
+    if tp is None:
+        if nproc % ep:
+            raise DemoInputError(f"--ep {ep} does not divide --nproc {nproc}: the processes form an ep x tp grid, "
+                                 f"so ep must divide nproc")
+        return ep, nproc // ep
+    if ep is None:
+        if nproc % tp:
+            raise DemoInputError(f"--tp {tp} does not divide --nproc {nproc}: the processes form an ep x tp grid, "
+                                 f"so tp must divide nproc")
+        return nproc // tp, tp
+    if ep * tp != nproc:
+        raise DemoInputError(f"--ep {ep} x --tp {tp} = {ep * tp} processes, but --nproc is {nproc}: the processes "
+                             f"form an ep x tp grid, so ep * tp must equal nproc")
+    return ep, tp
+
+
+def check_model(model: ModelConfig, ep: int, tp: int, steps: int) -> None:
+    """Raise :class:`DemoInputError` when the model, the task or the run length does not fit the layout."""
+    if steps < 1:
+        raise DemoInputError(f"--steps {steps} is not allowed: it must be a positive integer")
+    for flag, value in (("--experts", model.experts), ("--layers", model.layers), ("--tokens", model.tokens)):
+        if value < 1:
+            raise DemoInputError(f"{flag} {value} is not allowed: it must be a positive integer")
+    if model.top_k > model.experts:
+        raise DemoInputError(f"--experts {model.experts} is too few: each token picks top_k = {model.top_k} "
+                             f"experts, so --experts must be >= {model.top_k}")
+    if model.experts % ep:
+        raise DemoInputError(f"--ep {ep} does not divide the number of experts ({model.experts}, --experts): each "
+                             f"expert-parallel rank must own the same number of whole experts")
+    if model.hidden % tp:
+        raise DemoInputError(f"--tp {tp} does not divide the experts' hidden size ({model.hidden}): each "
+                             f"tensor-parallel rank must own an equal slice of every expert")
+    if model.tokens % ep:
+        raise DemoInputError(f"--tokens {model.tokens} is not divisible by --ep {ep}: each expert-parallel rank "
+                             f"trains on an equal shard of the global batch")
+
+
+def resolve_backend(flag_value: str | None, environ: dict | None = None) -> str:
+    """The backend from ``--backend``, else ``HYPER_PARALLEL_PLATFORM``, else ``torch``; checked to be known and
+    installed.
+
+    Raises:
+        DemoInputError: unknown name (naming where it came from and the valid names), or its framework missing.
+    """
+    env = os.environ if environ is None else environ
+    if flag_value is not None:
+        source, value = "--backend", flag_value
+    elif env.get(_select.ENV_VAR, "").strip():
+        source, value = _select.ENV_VAR, env[_select.ENV_VAR]
+    else:
+        source, value = "default", "torch"
+    name = value.strip().lower()
+    known = sorted(_select.BUILTIN)
+    if name not in known:
+        # third-party adapters (entry points) are not offered: the demo is only checked on the built-in ones
+        raise DemoInputError(f"{source} {value!r} is not a known backend: valid backends are {', '.join(known)}")
+    check_installed(name, source)
+    return name
+
+
+def check_installed(name: str, source: str) -> None:
+    spec = _select.BUILTIN[name]
+    if importlib.util.find_spec(spec.framework) is None:
+        raise DemoInputError(f"{source} {name!r} needs the {spec.framework!r} package, which is not installed "
+                             f"(fix: {spec.install})")
+
+
+def check_plotting() -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DemoInputError("the demo draws its plot with matplotlib, which is not installed (fix: pip install "
+                             "matplotlib)")
