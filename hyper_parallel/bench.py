@@ -27,7 +27,6 @@ with ``OMP_NUM_THREADS=1`` unless it is set (torchrun's default for several proc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -286,9 +285,8 @@ def run(backends: Sequence[str], sweep: Sweep, progress: bool = True) -> dict:
             # One world per backend, of the largest size: a cell on fewer ranks leaves the others idle (blocked on
             # their next message, using no CPU).
             bar.step(f"{backend}: starting a {world_size}-process world")
-            world = World(backend, world_size)
-            with _worker_threads(threads):
-                world.start()
+            world = World(backend, world_size)  # the launcher's environment: one OpenMP thread per rank
+            world.start()
             try:
                 versions[backend] = world.run(_versions)[0]
                 for t, r, e in sweep.permute_cells():
@@ -309,21 +307,6 @@ def run(backends: Sequence[str], sweep: Sweep, progress: bool = True) -> dict:
     report["meta"]["load_average_1min"] = {"before": load_before, "after": _loadavg()}
     report["meta"]["omp_num_threads_per_rank"] = threads
     return report
-
-
-@contextlib.contextmanager
-def _worker_threads(threads: str):
-    """``OMP_NUM_THREADS`` for the workers started inside (one thread per rank unless set: torchrun's default for
-    several processes; on 2 cores, ranks with spinning intra-op thread pools slow each other's small ops ~10x)."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = threads
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
 
 
 def _cpu_model() -> str:

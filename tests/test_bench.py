@@ -137,17 +137,6 @@ def test_progress_lines_and_terminal_mode():
     assert quiet.getvalue() == ""
 
 
-@pytest.mark.parametrize("before", [None, "3"])
-def test_worker_threads_are_set_and_restored(monkeypatch, before):
-    if before is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", before)
-    with bench._worker_threads("1"):
-        assert os.environ["OMP_NUM_THREADS"] == "1"
-    assert os.environ.get("OMP_NUM_THREADS") == before
-
-
 def test_counts_are_seeded_uneven_and_complete():
     counts = bench.counts_for(1000, 16, seed=3)
     assert sum(counts) == 1000 and len(counts) == 16 and min(counts) >= 0

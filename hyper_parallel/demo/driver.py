@@ -99,20 +99,17 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str
 
 @contextlib.contextmanager
 def _child_env(spec: C.RunSpec, log_dir: str):
-    """The ranks' environment: the package importable, one OpenMP/BLAS thread per rank (N ranks with several
-    threads each oversubscribe a small CPU badly), MindSpore's logs into ``log_dir``. Values the user set win."""
+    """The ranks' environment: the package importable, MindSpore's logs into ``log_dir``. Values the user set
+    win."""
     import hyper_parallel
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(hyper_parallel.__file__)))
     path = os.environ.get("PYTHONPATH", "")
-    want = {"PYTHONPATH": root + (os.pathsep + path if path else ""),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # (one OpenMP thread per rank comes from the launcher, blocking MindSpore launches on CPU from its adapter)
+    want = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
     if spec.backend == "mindspore":
-        # MS_DEV_LAUNCH_BLOCKING=1 is `mindspore.runtime.launch_blocking()`: on a small CPU the asynchronous op
-        # pipeline's thread hand-offs cost milliseconds per op (measured: 10-20x slower steps without it)
         want.update({k: os.environ.get(k, v) for k, v in
-                     (("GLOG_v", "3"), ("GLOG_logtostderr", "0"), ("GLOG_log_dir", os.path.abspath(log_dir)),
-                      ("MS_DEV_LAUNCH_BLOCKING", "1"))})
+                     (("GLOG_v", "3"), ("GLOG_logtostderr", "0"), ("GLOG_log_dir", os.path.abspath(log_dir)))})
     saved = {k: os.environ.get(k) for k in want}
     os.environ.update(want)
     try:
