@@ -396,15 +396,19 @@ class Platform(DifferentiableCollectives, abc.ABC):
 
         This is how a parameter comes to hold its local shard."""
 
-    @abc.abstractmethod
     def register_forward_pre_hook(self, module, hook: Callable):
         """Call ``hook(module, args)`` before ``module``'s forward; a non-None result replaces ``args`` (a tuple).
-        Returns a handle with ``remove()``."""
+        Returns a handle with ``remove()``.
 
-    @abc.abstractmethod
+        torch ``nn.Module`` and MindSpore 2.10 ``nn.Cell`` spell this, and the next member, the same way with the
+        same semantics (checked by the conformance suite), so this default serves both; an adapter whose framework
+        differs overrides it."""
+        return module.register_forward_pre_hook(hook)
+
     def register_forward_hook(self, module, hook: Callable):
         """Call ``hook(module, args, output)`` after forward; a non-None result replaces the output.
         Returns a handle with ``remove()``."""
+        return module.register_forward_hook(hook)
 
     @abc.abstractmethod
     def manual_seed(self, seed: int) -> None:

@@ -315,14 +315,6 @@ class MindSporePlatform(Platform):
         setattr(module, name, param)
         return param
 
-    # MindSpore 2.10 Cell hooks have torch's semantics (checked: a pre-hook's tuple replaces args, a forward hook's
-    # value replaces the output, both also under value_and_grad, and the handle has remove()), so no wrapper.
-    def register_forward_pre_hook(self, module, hook: Callable):
-        return module.register_forward_pre_hook(hook)
-
-    def register_forward_hook(self, module, hook: Callable):
-        return module.register_forward_hook(hook)
-
     def manual_seed(self, seed: int) -> None:
         mindspore.set_seed(seed)
         np.random.seed(seed)

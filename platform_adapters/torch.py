@@ -480,11 +480,5 @@ class TorchPlatform(Platform):
         setattr(module, name, param)
         return param
 
-    def register_forward_pre_hook(self, module, hook: Callable):
-        return module.register_forward_pre_hook(hook)
-
-    def register_forward_hook(self, module, hook: Callable):
-        return module.register_forward_hook(hook)
-
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

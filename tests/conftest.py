@@ -78,3 +78,21 @@ def worlds():
     pool = Worlds()
     yield pool
     pool.stop()
+
+
+@pytest.fixture(scope="module")
+def torch_in_process():
+    """Run this module's in-process checks on the torch platform (MindSpore runs the same cases in its worlds:
+    one framework per process)."""
+    pytest.importorskip("torch")
+    import hyper_parallel._select as select
+
+    old = os.environ.get(select.ENV_VAR)
+    os.environ[select.ENV_VAR] = "torch"
+    select._reset_platform_for_tests()
+    yield
+    select._reset_platform_for_tests()
+    if old is None:
+        os.environ.pop(select.ENV_VAR)
+    else:
+        os.environ[select.ENV_VAR] = old

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from hyper_parallel import launch
+from tests.processes import assert_all_gone
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEP_FOREVER_S = 120
@@ -116,35 +117,8 @@ def _recorded_pids(pid_dir: Path, nproc: int) -> list[int]:
     return pids
 
 
-def _is_running(pid: int) -> bool:
-    """Whether ``pid`` is a live process. A zombie counts as gone: it runs nothing and only awaits reaping."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (a recycled pid): not ours, so ours is gone
-        return False
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    state = re.search(r"^State:\s*(\S)", status, flags=re.M)
-    return not (state and state.group(1) in "ZX")
-
-
-def _assert_all_gone(pids: list[int], within_s: float = 5.0) -> None:
-    """Every pid must be gone; allow a short poll because reparented processes are reaped asynchronously."""
-    deadline = time.monotonic() + within_s
-    alive = [p for p in pids if _is_running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if _is_running(p)]
-    for p in alive:  # don't leak them into the rest of the session, then fail
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-    assert not alive, f"processes still running after the launcher exited (orphans): {alive}"
+def _gone(pids: list[int], within_s: float = 5.0) -> None:
+    assert_all_gone(pids, within_s, what="processes still running after the launcher exited (orphans)")
 
 
 def _wait_for_files(directory: Path, pattern: str, count: int, timeout_s: float = 60) -> None:
@@ -201,7 +175,7 @@ def test_stop_process_tree_kills_group_and_escalates_to_sigkill(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL  # SIGTERM was ignored, so only SIGKILL can have ended it
     assert 0.5 <= elapsed < QUICK_S
-    _assert_all_gone([proc.pid, int(pid_file.read_text())])
+    _gone([proc.pid, int(pid_file.read_text())])
 
 
 # ---------------------------------------------------------------- (a) successful worlds
@@ -275,7 +249,7 @@ def test_no_orphans_after_a_rank_fails(tmp_path):
     proc, elapsed = _launch("--nproc", 3, _orphan_script(tmp_path), pid_dir, "fail")
     # Checked first, so a failing run still kills what it leaked. This includes the failed rank's own grandchild,
     # which outlived its parent inside the rank's process group.
-    _assert_all_gone(_recorded_pids(pid_dir, 3))
+    _gone(_recorded_pids(pid_dir, 3))
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "rank 2 failed with exit code 5" in proc.stdout
     assert elapsed < QUICK_S
@@ -285,7 +259,7 @@ def test_no_orphans_after_a_timeout(tmp_path):
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     proc, elapsed = _launch("--nproc", 2, "--timeout", 3, _orphan_script(tmp_path), pid_dir, "sleep")
-    _assert_all_gone(_recorded_pids(pid_dir, 2))
+    _gone(_recorded_pids(pid_dir, 2))
     assert proc.returncode == 124, proc.stdout + proc.stderr
     assert "timed out" in proc.stdout
     assert elapsed < QUICK_S
@@ -309,7 +283,7 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    _assert_all_gone(_recorded_pids(pid_dir, 2))
+    _gone(_recorded_pids(pid_dir, 2))
     assert launcher.returncode == 143, out  # 128 + SIGTERM: the launcher turned the signal into a clean exit
     assert elapsed < QUICK_S
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from hypothesis import given, settings
@@ -11,21 +10,7 @@ from hypothesis import strategies as st
 from tests.cases import permute_cases as pc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_in_process():
-    """In-process checks use the torch platform; MindSpore runs the same checks inside its world below."""
-    pytest.importorskip("torch")
-    import hyper_parallel._select as select
-
-    old = os.environ.get(select.ENV_VAR)
-    os.environ[select.ENV_VAR] = "torch"
-    select._reset_platform_for_tests()
-    yield
-    select._reset_platform_for_tests()
-    if old is None:
-        os.environ.pop(select.ENV_VAR)
-    else:
-        os.environ[select.ENV_VAR] = old
+pytestmark = pytest.mark.usefixtures("torch_in_process")
 
 
 def test_worked_example_two_ranks_two_experts():

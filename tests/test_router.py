@@ -3,7 +3,6 @@ NumPy brute-force references on every backend (a 2-rank world, each rank with it
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -11,21 +10,7 @@ import pytest
 from tests.cases import router_cases as rc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_in_process():
-    """In-process checks use the torch platform; MindSpore runs the same checks inside its world below."""
-    pytest.importorskip("torch")
-    import hyper_parallel._select as select
-
-    old = os.environ.get(select.ENV_VAR)
-    os.environ[select.ENV_VAR] = "torch"
-    select._reset_platform_for_tests()
-    yield
-    select._reset_platform_for_tests()
-    if old is None:
-        os.environ.pop(select.ENV_VAR)
-    else:
-        os.environ[select.ENV_VAR] = old
+pytestmark = pytest.mark.usefixtures("torch_in_process")
 
 
 def test_reorder_worked_example_ties_keep_token_order():

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from hyper_parallel.testing import RankError, World, WorldTimeout
 from tests.cases import harness_cases as h
+from tests.processes import assert_all_gone, is_running
 
 NPROC = 2
 
@@ -34,32 +33,8 @@ def world():
     w.stop()
 
 
-def _is_running(pid: int) -> bool:
-    """Whether ``pid`` is a live process; a zombie counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    state = re.search(r"^State:\s*(\S)", status, flags=re.M)
-    return not (state and state.group(1) in "ZX")
-
-
-def _assert_all_gone(pids: list[int], within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    alive = [p for p in pids if _is_running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if _is_running(p)]
-    for p in alive:  # don't leak them into the rest of the session, then fail
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-    assert not alive, f"worker processes still running after stop(): {alive}"
+def _gone(pids: list[int], within_s: float = 5.0) -> None:
+    assert_all_gone(pids, within_s, what="worker processes still running after stop()")
 
 
 def _wait_until_dead(w: World, within_s: float = 10.0) -> None:
@@ -120,7 +95,7 @@ def test_hung_collective_raises_world_timeout_and_next_run_restarts(world):
     assert elapsed >= 5  # the timeout was honoured, not cut short...
     assert elapsed < 60  # ...and the hung rank was killed (stop() waits up to ~22 s before SIGKILL)
     assert not world.alive
-    _assert_all_gone(old_pids)
+    _gone(old_pids)
     # The next run starts a fresh world transparently, with a working process group.
     _assert_healthy(world)
     new_pids = world.run(h.pid)
@@ -137,7 +112,7 @@ def test_dead_worker_is_reported_and_replaced(world):
     assert "--- rank 0 ---" not in msg
     # See test_run_right_after_a_worker_died: the harness only notices the death once the process is reaped.
     _wait_until_dead(world)
-    _assert_all_gone([old_pids[1]])
+    _gone([old_pids[1]])
     _assert_healthy(world)
     new_pids = world.run(h.pid)
     assert new_pids[1] != old_pids[1]
@@ -172,9 +147,9 @@ def test_context_manager_starts_and_stops_leaving_no_workers():
     with World("torch", NPROC) as w:
         assert w.alive
         pids = w.run(h.pid)
-        assert all(_is_running(p) for p in pids)
+        assert all(is_running(p) for p in pids)
         assert w.run(h.ok, 5) == [(0, 10), (1, 10)]
     assert not w.alive
-    _assert_all_gone(pids, within_s=0.5)  # stop() waits for its workers: they are gone, not just dying
+    _gone(pids, within_s=0.5)  # stop() waits for its workers: they are gone, not just dying
     w.stop()  # stopping a stopped world is a no-op
     assert not w.alive
