@@ -1,0 +1,209 @@
+"""CUDA fast paths of the torch adapter, kept apart from the adapter itself: the dispatch index build (a Triton
+kernel, a captured CUDA graph, eager ops without hidden syncs), the ``torch._grouped_mm`` eligibility checks, and
+pinned host-to-device copies. :mod:`platform_adapters.torch` decides when each runs; every one has the neutral code
+in :mod:`hyper_parallel._differentiable` as its reference (``tests/test_torch_cuda_paths.py``,
+``benchmarks/gpu_ep.py``).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+
+import torch
+
+try:  # optional: without Triton the CUDA index build is a captured graph
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - a broken Triton install must not break the adapter, only lose one fast path
+    triton = tl = None
+
+#: Host data up to this size goes to the GPU through pinned memory without blocking (see ``TorchPlatform.tensor``).
+PINNED_COPY_MAX_BYTES = 1 << 20
+
+#: Index builds ``TorchPlatform.permute_slots_impl`` may name; ``"auto"`` picks (see :func:`choose_permute_impl`).
+PERMUTE_SLOTS_IMPLS = ("auto", "triton", "graph", "eager", "neutral")
+
+
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float64: "d", torch.float32: "f"}
+
+
+def host_tensor(data, dtype):
+    """``torch.tensor(data, dtype=dtype)`` on the host. A flat list of numbers (counts, offsets: what dispatch
+    builds) goes through ``array.array``, several times faster than torch reading Python objects one by one."""
+    code = _ARRAY_CODES.get(dtype)
+    if code is not None and type(data) in (list, tuple) and data:
+        try:
+            return torch.frombuffer(array.array(code, data), dtype=dtype)
+        except (TypeError, OverflowError):  # nested, or values the type cannot hold: torch decides as before
+            pass
+    return torch.tensor(data, dtype=dtype)
+
+
+def host_copy_mode(device_type: str, nbytes: int) -> str:
+    """How :meth:`TorchPlatform.tensor` moves host data to ``device_type``: ``"pinned"`` (non-blocking, from pinned
+    memory) or ``"plain"``. On CUDA a copy from pageable memory makes the host wait for the GPU to drain, a hidden
+    sync inside dispatch; from pinned memory it is queued on the stream like a kernel (the caching host allocator
+    keeps the pinned block until the copy is done). Bulk data (initial weights) is copied plainly: blocking there is
+    harmless and pins no memory."""
+    return "pinned" if device_type == "cuda" and nbytes <= PINNED_COPY_MAX_BYTES else "plain"
+
+
+# ---------------------------------------------------------------------- CUDA index build (permute_slots)
+# A row's slot is its own rank-major index plus a shift that is constant over its (rank, expert) block: the block's
+# destination start minus its source start. Every variant below computes that; they differ in how many launches
+# and host syncs it costs.
+
+def slot_shift_RE(counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E):
+    """Destination start minus source start of every (rank, expert) block, rank-major; int64 ``[R*E]``."""
+    R, E = num_ranks, num_local_experts
+    counts_ER = counts_RE.reshape(R, E).t()
+    dst_start_RE = (expert_offsets_E.reshape(E, 1) + counts_ER.cumsum(1) - counts_ER).t().reshape(-1)
+    return dst_start_RE - (counts_RE.cumsum(0) - counts_RE)
+
+
+def permute_slots_eager(counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
+    """The neutral index build in 6 launches. ``output_size`` matters: without it repeat_interleave reads the
+    total back from the GPU to size its output, a hidden device-to-host sync in the middle of dispatch."""
+    counts_RE = counts_RE.reshape(-1)
+    shift_RE = slot_shift_RE(counts_RE, num_ranks, num_local_experts, expert_offsets_E)
+    return shift_RE.repeat_interleave(counts_RE, output_size=num_rows) + torch.arange(num_rows,
+                                                                                      device=counts_RE.device)
+
+
+def permute_slots_padded(counts_ext, num_ranks: int, num_local_experts: int, capacity: int, expert_offsets_E):
+    """:func:`permute_slots_eager` over ``capacity >= T`` rows, whose shapes depend on ``capacity`` alone, so one
+    captured graph serves every ``T`` up to it. ``counts_ext`` is ``counts_RE`` plus one trailing block holding the
+    ``capacity - T`` extra rows; the first ``T`` entries of the result are the slots."""
+    shift_RE = slot_shift_RE(counts_ext[:-1], num_ranks, num_local_experts, expert_offsets_E)
+    shift_ext = torch.cat([shift_RE, shift_RE.new_zeros(1)])
+    return shift_ext.repeat_interleave(counts_ext, output_size=capacity) + torch.arange(capacity,
+                                                                                         device=counts_ext.device)
+
+
+def graph_capacity(num_rows: int) -> int:
+    """Rows a captured index build is sized for: the next power of two (at least 1024), so a training run whose
+    token counts move around captures a handful of graphs, not one per step."""
+    return max(1024, 1 << (num_rows - 1).bit_length())
+
+
+class GraphedSlots:  # pragma: no cover - needs a CUDA device; benchmarks/gpu_ep.py checks it against the reference
+    """:func:`permute_slots_padded` captured once in a CUDA graph for one (device, R, E, capacity): each call is
+    three small copies, one replay and one clone instead of the eager launches."""
+
+    def __init__(self, device, num_ranks: int, num_local_experts: int, capacity: int):
+        self.capacity = capacity
+        self.counts_ext = torch.zeros(num_ranks * num_local_experts + 1, dtype=torch.int64, device=device)
+        self.counts_ext[-1] = capacity  # a valid input for warm-up and capture: every row in the extra block
+        self.offsets_E = torch.zeros(num_local_experts, dtype=torch.int64, device=device)
+        build = lambda: permute_slots_padded(self.counts_ext, num_ranks, num_local_experts,  # noqa: E731
+                                             capacity, self.offsets_E)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: library workspaces are allocated here
+            build()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: NCCL's watchdog thread polls its events while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.slots_ext = build()
+
+    def __call__(self, counts_RE, num_rows: int, expert_offsets_E):
+        self.counts_ext[:-1].copy_(counts_RE.reshape(-1))
+        self.counts_ext[-1:].fill_(self.capacity - num_rows)
+        self.offsets_E.copy_(expert_offsets_E)
+        self.graph.replay()
+        return self.slots_ext[:num_rows].clone()  # the next replay overwrites slots_ext
+
+
+if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests run it under TRITON_INTERPRET=1
+
+    @triton.jit(do_not_specialize=["num_rows"])
+    def _permute_slots_kernel(counts_ptr, offsets_ptr, slots_ptr, num_rows, num_blocks,
+                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+        # One program per (rank, expert) block, rank-major. Its source start is the sum of the counts before it;
+        # its destination start is its expert's group start plus the counts of the same expert from lower ranks.
+        block = tl.program_id(0)
+        expert = block % NUM_LOCAL_EXPERTS
+        lane = tl.arange(0, CHUNK)
+        before = tl.zeros([CHUNK], dtype=tl.int64)
+        same_expert_before = tl.zeros([CHUNK], dtype=tl.int64)
+        for first in range(0, block, CHUNK):
+            idx = first + lane
+            n = tl.load(counts_ptr + idx, mask=idx < block, other=0).to(tl.int64)
+            before += n
+            same_expert_before += tl.where(idx % NUM_LOCAL_EXPERTS == expert, n, 0)
+        src_start = tl.sum(before, axis=0)
+        dst_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+        count = tl.load(counts_ptr + block).to(tl.int32)
+        k = tl.arange(0, ROWS)
+        for first in range(0, count, ROWS):
+            row = first + k
+            # the num_rows bound keeps counts that disagree with num_rows from writing out of bounds
+            tl.store(slots_ptr + src_start + row, dst_start + row, mask=(row < count) & (src_start + row < num_rows))
+
+    def permute_slots_triton(counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
+        """The index build in one launch (one program per (rank, expert) block)."""
+        counts_RE = counts_RE.reshape(-1).contiguous()
+        slots = torch.empty(num_rows, dtype=torch.int64, device=counts_RE.device)
+        blocks = num_ranks * num_local_experts
+        chunk = min(1024, triton.next_power_of_2(max(blocks, 16)))
+        # Triton launches on the current device, which need not be the tensors' one
+        with torch.cuda.device(counts_RE.device) if counts_RE.is_cuda else contextlib.nullcontext():
+            _permute_slots_kernel[(blocks,)](counts_RE, expert_offsets_E.contiguous(), slots, num_rows, blocks,
+                                             NUM_LOCAL_EXPERTS=num_local_experts, CHUNK=chunk, ROWS=256,
+                                             num_warps=4)
+        return slots
+
+
+def choose_permute_impl(requested: str, device_type: str, *, triton_usable: bool, capturing: bool,
+                        broken: frozenset = frozenset()) -> str:
+    """The index build :meth:`TorchPlatform.permute_slots` runs.
+
+    ``"auto"`` keeps the neutral reference off CUDA (on a CPU its ops cost no sync and few launches) and, on CUDA,
+    takes the first of Triton, a captured graph and the eager ops that is usable: Triton needs the package, a graph
+    cannot be captured while the stream is already capturing, and an implementation that failed once (``broken``)
+    is skipped. A forced implementation is returned as it is.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`PERMUTE_SLOTS_IMPLS`.
+    """
+    if requested not in PERMUTE_SLOTS_IMPLS:
+        raise ValueError(f"permute_slots_impl must be one of {list(PERMUTE_SLOTS_IMPLS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "neutral"
+    if triton_usable and "triton" not in broken:
+        return "triton"
+    if not capturing and "graph" not in broken:
+        return "graph"
+    return "eager"
+
+
+# ---------------------------------------------------------------------- grouped GEMM (grouped_mm)
+
+def _grouped_mm_operand_ok(t) -> bool:
+    # CUTLASS reads operands with 16-byte TMA loads: an aligned base, one unit stride in the last two dims and
+    # every other stride a multiple of 16 bytes.
+    step = 16 // t.element_size()
+    inner = t.stride()[-2:]
+    if t.data_ptr() % 16 or 1 not in inner or any(s % step for s in t.stride() if s != 1):
+        return False
+    return min(t.shape[-2:]) > 0
+
+
+def grouped_mm_layout_ok(x_NK, w_EKM) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands on its fast path (device aside): bf16 both, ``[N, K]``
+    times ``[E, K, M]``, 16-byte aligned strides."""
+    return (x_NK.dtype == torch.bfloat16 and w_EKM.dtype == torch.bfloat16 and x_NK.dim() == 2
+            and w_EKM.dim() == 3 and x_NK.shape[1] == w_EKM.shape[1] and x_NK.shape[0] > 0
+            and _grouped_mm_operand_ok(x_NK) and _grouped_mm_operand_ok(w_EKM))
+
+
+def grouped_mm_device_ok(device) -> bool:
+    """Whether ``torch._grouped_mm`` has its fast kernel on ``device``: CUTLASS on sm90 and sm100. Elsewhere (and
+    for fp32) torch falls back to a loop that reads the offsets back to the host, worse than the neutral loop, which
+    has the counts on the host already."""
+    return (device.type == "cuda" and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
