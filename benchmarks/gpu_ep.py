@@ -52,7 +52,7 @@ import seed_reference as seed  # noqa: E402
 from hyper_parallel import ExpertParallel, get_platform, init_device_mesh  # noqa: E402
 from hyper_parallel.expert_parallel import ExpertTensorParallel  # noqa: E402
 from hyper_parallel.expert_parallel.dispatch import token_combine, token_dispatch  # noqa: E402
-from hyper_parallel._differentiable import DifferentiableCollectives  # noqa: E402
+from hyper_parallel.kernels import Kernels  # noqa: E402
 from hyper_parallel.expert_parallel.permute import build_permute_indices, permute  # noqa: E402
 from hyper_parallel.moe.experts import GroupedExperts, swiglu_experts  # noqa: E402
 from platform_adapters import torch as adapter  # noqa: E402
@@ -293,9 +293,9 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     idx = build_permute_indices(counts_RE, host_RE, world, E)
     times["gather_only"] = clock.time(lambda: pick()[idx.source_row_P], n_it, n_w)
     for impl in ("neutral", *impls):
-        p.permute_slots_impl = impl
-        times[f"index_build_{impl}"] = clock.time(lambda: p.permute_slots(counts_RE, world, E, T, offsets), n_it, n_w)
-    p.permute_slots_impl = "auto"
+        p.kernels.permute_slots_impl = impl
+        times[f"index_build_{impl}"] = clock.time(lambda: p.kernels.permute_slots(counts_RE, world, E, T, offsets), n_it, n_w)
+    p.kernels.permute_slots_impl = "auto"
     times["build_permute_indices"] = clock.time(lambda: build_permute_indices(counts_RE, host_RE, world, E),
                                                 n_it, n_w)
     times["permute_step_package"] = clock.time(
@@ -391,21 +391,21 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     params = [layer.w1, layer.w2, layer.w3]
 
     # ---- index build variants, exact, on this rank's real counts
-    counts_RE, _ = p.all_to_all_single(counts_G, None, [E] * world, [E] * world)
+    counts_RE, _ = p.all_to_all_single(counts_G, output_split_sizes=[E] * world, input_split_sizes=[E] * world)
     host_RE = p.tolist(counts_RE)
     T = sum(host_RE)
     res["rows_received"] = T
     offsets = p.tensor([sum(sum(host_RE[e::E]) for e in range(k)) for k in range(E)], dtype="int64")
-    p.permute_slots_impl = "neutral"
-    ref_slots = p.permute_slots(counts_RE, world, E, T, offsets)
+    p.kernels.permute_slots_impl = "neutral"
+    ref_slots = p.kernels.permute_slots(counts_RE, world, E, T, offsets)
     impls = ("eager", "graph", "triton") if DEV.type == "cuda" else ("eager",)
     for impl in impls:
-        p.permute_slots_impl = impl
-        got = p.permute_slots(counts_RE, world, E, T, offsets)
+        p.kernels.permute_slots_impl = impl
+        got = p.kernels.permute_slots(counts_RE, world, E, T, offsets)
         checks[f"index_build_{impl}_equal"] = bool(torch.equal(got, ref_slots))
-    p.permute_slots_impl = "auto"
+    p.kernels.permute_slots_impl = "auto"
     checks["index_build_auto_choice"] = adapter.choose_permute_impl(
-        "auto", DEV.type, triton_usable=adapter.triton is not None, capturing=False, broken=p._broken_impls)
+        "auto", DEV.type, triton_usable=adapter.triton is not None, capturing=False, broken=p.kernels._broken_impls)
 
     # ---- grouped_mm: bf16 kernel vs fp32 loop with uneven and empty groups, forward and backward
     gm_counts = [0, 37, 0, 1001, 5, 0, 3000, 1]
@@ -414,8 +414,8 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     checks["grouped_mm_fast_path"] = adapter.grouped_mm_device_ok(xg.device) and adapter.grouped_mm_layout_ok(xg, wg)
     gyg = torch.randn(sum(gm_counts), shape.hidden, device=DEV)
     outs = []
-    for fn, dt in ((lambda a, b: p.grouped_mm(a, b, gm_counts), BF16),
-                   (lambda a, b: DifferentiableCollectives.grouped_mm(p, a, b, gm_counts), torch.float32)):
+    for fn, dt in ((lambda a, b: p.kernels.grouped_mm(a, b, gm_counts), BF16),
+                   (lambda a, b: Kernels.grouped_mm(p.kernels, a, b, gm_counts), torch.float32)):
         a, b = xg.detach().to(dt).requires_grad_(), wg.detach().to(dt).requires_grad_()
         y = fn(a, b)
         outs.append((y, *torch.autograd.grad(y, [a, b], gyg.to(dt))))
@@ -501,15 +501,15 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     # (indexes w[e]: each expert's backward writes a full-size gradient; too slow to time at DeepSeek size)
     variants = {"unbind_loop": unbind_loop_grouped_mm}
     if name != "deepseek":
-        variants["neutral_loop"] = lambda x, w, c: DifferentiableCollectives.grouped_mm(p, x, w, c)
+        variants["neutral_loop"] = lambda x, w, c: Kernels.grouped_mm(p.kernels, x, w, c)
     for variant, fn in variants.items():
-        p.grouped_mm = fn
+        p.kernels.grouped_mm = fn
         try:
             times[f"layer_fwd_bwd_ours_{variant}_experts"] = guarded(
                 clock, lambda: fwd_bwd(layer, x_ND, counts_G, gy, params), 3 if variant == "neutral_loop" else
                 args.layer_iters, 1)
         finally:
-            del p.grouped_mm
+            del p.kernels.grouped_mm
         release()
 
     # the experts alone (already permuted rows), forward + backward: where the layer's time goes
@@ -583,19 +583,20 @@ def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     params = [layer.w1, layer.w2, layer.w3]
 
     # ---- index build variants, exact, on this rank's real counts (R = the ep degree)
-    counts_RE, _ = p.all_to_all_single(counts_G, None, [E] * R, [E] * R, group=ep_group)
+    counts_RE, _ = p.all_to_all_single(counts_G, output_split_sizes=[E] * R, input_split_sizes=[E] * R,
+                                       group=ep_group)
     host_RE = p.tolist(counts_RE)
     T = sum(host_RE)
     res["rows_received"] = T
     offsets = p.tensor([sum(sum(host_RE[e::E]) for e in range(k)) for k in range(E)], dtype="int64")
-    p.permute_slots_impl = "neutral"
-    ref_slots = p.permute_slots(counts_RE, R, E, T, offsets)
+    p.kernels.permute_slots_impl = "neutral"
+    ref_slots = p.kernels.permute_slots(counts_RE, R, E, T, offsets)
     impls = ("eager", "graph", "triton") if DEV.type == "cuda" else ("eager",)
     for impl in impls:
-        p.permute_slots_impl = impl
-        checks[f"index_build_{impl}_equal"] = bool(torch.equal(p.permute_slots(counts_RE, R, E, T, offsets),
+        p.kernels.permute_slots_impl = impl
+        checks[f"index_build_{impl}_equal"] = bool(torch.equal(p.kernels.permute_slots(counts_RE, R, E, T, offsets),
                                                                ref_slots))
-    p.permute_slots_impl = "auto"
+    p.kernels.permute_slots_impl = "auto"
 
     # ---- whole layer, full size: ours (bf16, ETP) against the seed algorithm over ep (bf16, full hidden); weight
     # gradients: our shard against the same slice of the reference's, first 16 local experts

@@ -10,6 +10,7 @@ all-to-all. Both are checked against values computed on the host; the script exi
 """
 
 from hyper_parallel import get_platform
+from hyper_parallel.functional import all_to_all_single_autograd
 
 
 def splits_for(rank: int, world: int) -> tuple[list[int], list[int]]:
@@ -30,11 +31,11 @@ def main() -> int:
     weights = p.tensor([[float(i)] * 2 for i in range(sum(recv))], dtype="float32") if sum(recv) else p.zeros((0, 2))
 
     def loss(t):
-        return (p.differentiable_all_to_all_single(t, send, recv) * weights).sum()
+        return (all_to_all_single_autograd(t, output_split_sizes=recv, input_split_sizes=send) * weights).sum()
 
     value, (grad,), _ = p.value_and_grad(loss, [x])
 
-    received = p.tolist(p.all_to_all_single(x, None, send, recv)[0])
+    received = p.tolist(p.all_to_all_single(x, output_split_sizes=recv, input_split_sizes=send)[0])
     expected = [[1000.0 * i + 10 * rank + k] * 2 for i in range(world) for k in range(recv[i])]
 
     # Position of my k-th row for j inside j's receive buffer: rows from lower ranks come first.

@@ -1,18 +1,22 @@
 """The platform contract: everything the neutral core needs that differs between frameworks.
 
-A member joins :class:`Platform` only when neutral code needs it AND the frameworks spell it differently. What they
-spell the same way (``x.view``, ``x[idx]``, ``x.shape``, ``x.repeat_interleave(t)``, ...) is used directly.
+A member joins the contract only when neutral code needs it AND the frameworks spell it differently. What they
+spell the same way (``x.view``, ``x[idx]``, ``x.shape``, ``x.repeat_interleave(t)``, ...) is used directly (the
+shared tensor API, :mod:`hyper_parallel.tensor_api`).
 
-Public members come in three kinds:
+The contract comes in three groups:
 
-* **Abstract** (``@abc.abstractmethod``): each adapter implements them.
-* **Checked templates** (the collectives, ``tolist``): written here once; they validate the arguments on the host,
-  count the call for :meth:`Platform.count_calls`, and hand over to an adapter's ``_``-prefixed implementation. The
-  checks therefore hold identically on every backend.
-* **Neutral**: written once on top of the others (group queries and the differentiable collectives in
-  :class:`~hyper_parallel._differentiable.DifferentiableCollectives`).
+1. **What an adapter MUST provide**: :class:`Platform`, this module. Identity, process groups, collectives, the
+   autograd primitive, tensor factories, module access and instrumentation. Its members are either abstract (each
+   adapter implements them) or *checked templates* written here once (the collectives, ``tolist``): they validate
+   the arguments on the host, count the call for :meth:`Platform.count_calls`, and hand over to an adapter's
+   ``_``-prefixed implementation, so the checks hold identically on every backend.
+2. **What an adapter MAY replace with a faster kernel**: :class:`~hyper_parallel.kernels.Kernels`, reached as
+   ``platform.kernels``. Every member has a neutral reference.
+3. **What is written once on top**: the differentiable collectives, plain functions in
+   :mod:`hyper_parallel.functional`. No adapter touches them.
 
-The backend is resolved once per process by :func:`get_platform`.
+The backend is resolved once per process by :func:`~hyper_parallel.get_platform`.
 
 >>> from hyper_parallel import get_platform
 >>> p = get_platform()            # doctest: +SKIP
@@ -29,12 +33,26 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from hyper_parallel import _validation as check
-from hyper_parallel._differentiable import DifferentiableCollectives
+from hyper_parallel.kernels import Kernels
 
-__all__ = ["Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
+__all__ = ["CallCounts", "Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
 
 #: Neutral dtype names accepted by the factories and reported by :meth:`Platform.dtype_name`.
 DTYPE_NAMES = ("bool", "int32", "int64", "float16", "bfloat16", "float32", "float64")
+_ITEMSIZE = {"bool": 1, "int32": 4, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+class CallCounts(collections.Counter):
+    """What :meth:`Platform.count_calls` saw: calls by name (the counter itself) and, in :attr:`bytes`, the
+    payload bytes by collective name.
+
+    The payload is what this rank hands to the collective: its input tensor, except for ``all_to_all_single``,
+    where only the rows sent to OTHER members count (its own rows never leave the process).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,7 +133,7 @@ class WorldEnv:
                    master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
 
 
-class Platform(DifferentiableCollectives, abc.ABC):
+class Platform(abc.ABC):
     """What a framework must provide to run the neutral core. One subclass per framework in ``platform_adapters``.
 
     Collectives are out of place: they return a new tensor and never modify their input.
@@ -125,10 +143,15 @@ class Platform(DifferentiableCollectives, abc.ABC):
     #: Dtype names this backend's collectives can carry; adapters narrow it.
     collective_dtypes: tuple[str, ...] = ("int32", "int64", "float16", "bfloat16", "float32", "float64")
 
+    kernels: Kernels
+    """The kernels this backend runs (group 2 of the contract): the neutral references unless the adapter sets a
+    :class:`~hyper_parallel.kernels.Kernels` subclass of its own in ``__init__``."""
+
     def __init__(self) -> None:
         self._world: Group | None = None
         self._rank: int | None = None
-        self._counters: list[collections.Counter] = []
+        self._counters: list[CallCounts] = []
+        self.kernels = Kernels(self)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -278,18 +301,20 @@ class Platform(DifferentiableCollectives, abc.ABC):
             )
         return self._reduce_scatter_tensor(x, op, group)
 
-    def all_to_all_single(self, x, output_shape: Sequence[int] | None = None,
-                          input_split_sizes: Sequence[int] | None = None,
-                          output_split_sizes: Sequence[int] | None = None,
-                          *, group: Group | None = None, async_op: bool = False):
+    def all_to_all_single(self, x, *, output_split_sizes: Sequence[int] | None = None,
+                          input_split_sizes: Sequence[int] | None = None, output_shape: Sequence[int] | None = None,
+                          group: Group | None = None, async_op: bool = False):
         """Exchange rows: ``x[input offsets of j]`` goes to member ``j``; rows from member ``i`` land at
         ``output offsets of i``. Split sizes may be uneven and may be zero.
 
+        Every argument after ``x`` is keyword-only: the two split lists are easy to swap, and frameworks disagree on
+        their order (this one names them as ``torch.distributed.all_to_all_single`` does).
+
         Args:
             x: tensor whose dim 0 is split by ``input_split_sizes``.
+            output_split_sizes: rows received from each member (Python ints); ``None`` = even split of the output.
+            input_split_sizes: rows sent to each member (Python ints); ``None`` = even split of ``x``.
             output_shape: shape of the result; defaults to ``x.shape`` with dim 0 = ``sum(output_split_sizes)``.
-            input_split_sizes: rows sent to each member (Python ints); ``None`` = even split.
-            output_split_sizes: rows received from each member; ``None`` = even split of ``output_shape[0]``.
             group: the group to exchange in (``None`` = world).
             async_op: if True, return before completion; call ``handle.wait()`` before reading the output.
 
@@ -299,7 +324,8 @@ class Platform(DifferentiableCollectives, abc.ABC):
         Raises:
             ValueError: split sizes negative, of the wrong length, or not summing to the rows.
         """
-        group = self._collective_prologue("all_to_all_single", x, group)
+        group = self._group(group, "all_to_all_single")
+        self._check_tensor("all_to_all_single", x)
         n = group.size
         in_splits = check.check_splits(input_split_sizes, int(x.shape[0]), n, "input_split_sizes", "x.shape[0]")
         if output_shape is None:
@@ -310,6 +336,9 @@ class Platform(DifferentiableCollectives, abc.ABC):
         output_shape = check.check_output_shape(output_shape, tuple(x.shape))
         out_splits = check.check_splits(output_split_sizes, output_shape[0], n, "output_split_sizes",
                                         "output_shape[0]")
+        # bytes leaving this rank: the rows for every other member
+        me = group.ranks.index(self._rank)
+        self._record("all_to_all_single", self._nbytes(x, rows=sum(in_splits) - in_splits[me]))
         out, wait = self._all_to_all_single(x, output_shape, in_splits, out_splits, group, async_op)
         handle = Handle(wait)
         if not async_op:
@@ -416,25 +445,39 @@ class Platform(DifferentiableCollectives, abc.ABC):
 
     # ------------------------------------------------------------------ instrumentation
     @contextlib.contextmanager
-    def count_calls(self) -> Iterator[collections.Counter]:
-        """Count the collectives (by name) and host syncs (``"host_sync"``) issued inside the block.
+    def count_calls(self) -> Iterator["CallCounts"]:
+        """Count the collectives (by name), the bytes they moved, and the host syncs (``"host_sync"``) issued inside
+        the block. Blocks nest; each sees every call made while it is open.
 
         >>> with p.count_calls() as calls:                         # doctest: +SKIP
         ...     y = p.all_reduce(x)
-        >>> calls["all_reduce"]                                    # doctest: +SKIP
-        1
+        >>> calls["all_reduce"], calls.bytes["all_reduce"]         # doctest: +SKIP
+        (1, 4096)
         """
-        counter: collections.Counter = collections.Counter()
+        counter = CallCounts()
         self._counters.append(counter)
         try:
             yield counter
         finally:
             self._counters.remove(counter)
 
+    def profile_range(self, name: str) -> contextlib.AbstractContextManager:
+        """A named range in the framework's profiler trace around the block (``torch.profiler.record_function`` on
+        torch). The default is a no-op; adapters whose framework has such ranges override it."""
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ adapter hooks (not public)
-    def _record(self, what: str) -> None:
+    def _record(self, what: str, nbytes: int = 0) -> None:
         for c in self._counters:
             c[what] += 1
+            c.bytes[what] += nbytes
+
+    def _nbytes(self, x, rows: int | None = None) -> int:
+        """Bytes of ``x``, or of ``rows`` of its dim-0 rows."""
+        row = _ITEMSIZE[self.dtype_name(x.dtype)]
+        for d in tuple(x.shape)[1:]:
+            row *= int(d)
+        return row * (int(x.shape[0]) if x.shape else 1) if rows is None else row * rows
 
     def _require_world(self, what: str) -> Group:
         if self._world is None:
@@ -453,12 +496,15 @@ class Platform(DifferentiableCollectives, abc.ABC):
         check.check_group_member(self._rank, group.ranks, what)
         return group
 
-    def _collective_prologue(self, what: str, x, group: Group | None) -> Group:
-        group = self._group(group, what)
+    def _check_tensor(self, what: str, x) -> None:
         if not isinstance(x, self.Tensor):
             raise TypeError(f"{what}: expected a {self.Tensor.__name__}, got {type(x).__name__}")
         check.check_dtype(self.dtype_name(x.dtype), self.collective_dtypes, self.dist_backend, what)
-        self._record(what)
+
+    def _collective_prologue(self, what: str, x, group: Group | None) -> Group:
+        group = self._group(group, what)
+        self._check_tensor(what, x)
+        self._record(what, self._nbytes(x))
         return group
 
     @abc.abstractmethod

@@ -43,6 +43,7 @@ from mindspore import mint, ops  # noqa: E402
 from mindspore.communication import management  # noqa: E402
 from mindspore.mint import distributed as dist  # noqa: E402
 from mindspore.mint.distributed import distributed as _dist_impl  # noqa: E402
+from mindspore.profiler.common.record_function import RecordFunction  # noqa: E402
 
 from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, WorldEnv  # noqa: E402
 
@@ -318,3 +319,8 @@ class MindSporePlatform(Platform):
     def manual_seed(self, seed: int) -> None:
         mindspore.set_seed(seed)
         np.random.seed(seed)
+
+    def profile_range(self, name: str):
+        # MindSpore's host-side range (what mindspore.profiler.Profiler records around Python code); its public
+        # export is missing in 2.10, the class lives in profiler.common.
+        return RecordFunction(name)

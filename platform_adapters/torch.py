@@ -2,12 +2,13 @@
 
 The base class has already validated every argument (splits, membership, dtypes) when a ``_`` method here runs.
 
-On CUDA the adapter replaces two neutral references with fast paths (see ``docs/benchmarks.md`` for their timings):
+On CUDA the adapter's :class:`TorchKernels` replace two neutral references with fast paths (see
+``docs/benchmarks.md`` for their timings):
 
-* :meth:`TorchPlatform.permute_slots`, the dispatch index build: one fused Triton kernel when Triton imports, else
+* :meth:`TorchKernels.permute_slots`, the dispatch index build: one fused Triton kernel when Triton imports, else
   the eager ops captured once in a CUDA graph, else the eager ops with ``output_size`` (no hidden device-to-host
-  sync). ``TorchPlatform.permute_slots_impl`` forces one of them.
-* :meth:`TorchPlatform.grouped_mm`: ``torch._grouped_mm`` for bf16 on sm90/sm100, the neutral per-expert loop
+  sync). ``TorchKernels.permute_slots_impl`` forces one of them.
+* :meth:`TorchKernels.grouped_mm`: ``torch._grouped_mm`` for bf16 on sm90/sm100, the neutral per-expert loop
   otherwise.
 
 The kernels and their eligibility checks live in :mod:`platform_adapters._torch_cuda`; this module decides.
@@ -27,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from hyper_parallel.kernels import Kernels
 from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, WorldEnv
 from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests and benchmarks reach them here
     PERMUTE_SLOTS_IMPLS,
@@ -68,18 +70,75 @@ class _ClosureFunction(torch.autograd.Function):
         return ctx.backward_fn(grad.contiguous()), None, None
 
 
-class TorchPlatform(Platform):
-    """PyTorch through ``torch.distributed``: gloo on CPU, NCCL when CUDA is available."""
+class TorchKernels(Kernels):
+    """The torch adapter's kernels: CUDA fast paths where they apply, the neutral references elsewhere."""
 
     #: Which index build :meth:`permute_slots` runs: ``"auto"`` or one forced (see :func:`choose_permute_impl`).
     permute_slots_impl = "auto"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._device = torch.device("cpu")
+    def __init__(self, platform) -> None:
+        super().__init__(platform)
         self._broken_impls: frozenset = frozenset()  # auto-chosen index builds that failed once, skipped since
         self._graphs: dict = {}  # captured index builds by (device, R, E, capacity)
         self._group_ends_cache: tuple = (None, None)  # (key, int32 group ends) of the last grouped_mm counts
+
+    def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
+        counts_RE = counts_RE.reshape(-1)
+        auto = self.permute_slots_impl == "auto"
+        while True:
+            impl = choose_permute_impl(
+                self.permute_slots_impl, counts_RE.device.type, triton_usable=triton is not None,
+                capturing=counts_RE.is_cuda and torch.cuda.is_current_stream_capturing(), broken=self._broken_impls)
+            try:
+                return self._permute_slots_with(impl, counts_RE, num_ranks, num_local_experts, num_rows,
+                                                expert_offsets_E)
+            except Exception as e:  # noqa: BLE001 - auto falls back to the next implementation, once, loudly
+                if not auto or impl in ("eager", "neutral"):
+                    raise
+                warnings.warn(f"permute_slots: the {impl} index build failed ({type(e).__name__}: {e}); "
+                              "falling back to the next implementation for the rest of this process",
+                              RuntimeWarning, stacklevel=2)
+                self._broken_impls = self._broken_impls | {impl}
+
+    def _permute_slots_with(self, impl: str, counts_RE, R: int, E: int, T: int, expert_offsets_E):
+        if impl == "neutral":
+            return super().permute_slots(counts_RE, R, E, T, expert_offsets_E)
+        if impl == "eager":
+            return permute_slots_eager(counts_RE, R, E, T, expert_offsets_E)
+        if impl == "triton":
+            if triton is None:
+                raise RuntimeError("permute_slots_impl='triton' needs the triton package, which does not import")
+            return permute_slots_triton(counts_RE, R, E, T, expert_offsets_E)
+        key = (counts_RE.device, R, E, graph_capacity(T))  # pragma: no cover - graph: CUDA only
+        if key not in self._graphs:  # pragma: no cover
+            self._graphs[key] = GraphedSlots(*key)
+        return self._graphs[key](counts_RE, T, expert_offsets_E)  # pragma: no cover
+
+    def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
+        counts = [int(n) for n in num_tokens_per_expert]
+        fits = (len(counts) == w_EKM.shape[0] and sum(counts) == x_NK.shape[0] and min(counts, default=0) >= 0
+                and w_EKM.device == x_NK.device)
+        if not (fits and grouped_mm_device_ok(x_NK.device) and grouped_mm_layout_ok(x_NK, w_EKM)):
+            return super().grouped_mm(x_NK, w_EKM, counts)  # the reference, which also raises on bad counts
+        return self._grouped_mm_fast(x_NK, w_EKM, counts)
+
+    def _grouped_mm_fast(self, x_NK, w_EKM, counts: list[int]):
+        """``torch._grouped_mm`` with the counts as int32 group ends on the device. One expert layer calls it three
+        times with the same counts, so the ends are copied once."""
+        key = (x_NK.device, tuple(counts))
+        if self._group_ends_cache[0] != key:
+            ends = self.platform.tensor(list(itertools.accumulate(counts)), dtype="int32", device=x_NK.device)
+            self._group_ends_cache = (key, ends)
+        return torch._grouped_mm(x_NK, w_EKM, offs=self._group_ends_cache[1])
+
+
+class TorchPlatform(Platform):
+    """PyTorch through ``torch.distributed``: gloo on CPU, NCCL when CUDA is available."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._device = torch.device("cpu")
+        self.kernels = TorchKernels(self)
 
     # ------------------------------------------------------------------ identity
     name = "torch"
@@ -192,56 +251,6 @@ class TorchPlatform(Platform):
         self._issue(dist.broadcast, out, src=src, group=group.native)
         return out
 
-    # ------------------------------------------------------------------ CUDA fast paths of neutral members
-    def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
-        counts_RE = counts_RE.reshape(-1)
-        auto = self.permute_slots_impl == "auto"
-        while True:
-            impl = choose_permute_impl(
-                self.permute_slots_impl, counts_RE.device.type, triton_usable=triton is not None,
-                capturing=counts_RE.is_cuda and torch.cuda.is_current_stream_capturing(), broken=self._broken_impls)
-            try:
-                return self._permute_slots_with(impl, counts_RE, num_ranks, num_local_experts, num_rows,
-                                                expert_offsets_E)
-            except Exception as e:  # noqa: BLE001 - auto falls back to the next implementation, once, loudly
-                if not auto or impl in ("eager", "neutral"):
-                    raise
-                warnings.warn(f"permute_slots: the {impl} index build failed ({type(e).__name__}: {e}); "
-                              "falling back to the next implementation for the rest of this process",
-                              RuntimeWarning, stacklevel=2)
-                self._broken_impls = self._broken_impls | {impl}
-
-    def _permute_slots_with(self, impl: str, counts_RE, R: int, E: int, T: int, expert_offsets_E):
-        if impl == "neutral":
-            return super().permute_slots(counts_RE, R, E, T, expert_offsets_E)
-        if impl == "eager":
-            return permute_slots_eager(counts_RE, R, E, T, expert_offsets_E)
-        if impl == "triton":
-            if triton is None:
-                raise RuntimeError("permute_slots_impl='triton' needs the triton package, which does not import")
-            return permute_slots_triton(counts_RE, R, E, T, expert_offsets_E)
-        key = (counts_RE.device, R, E, graph_capacity(T))  # pragma: no cover - graph: CUDA only
-        if key not in self._graphs:  # pragma: no cover
-            self._graphs[key] = GraphedSlots(*key)
-        return self._graphs[key](counts_RE, T, expert_offsets_E)  # pragma: no cover
-
-    def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
-        counts = [int(n) for n in num_tokens_per_expert]
-        fits = (len(counts) == w_EKM.shape[0] and sum(counts) == x_NK.shape[0] and min(counts, default=0) >= 0
-                and w_EKM.device == x_NK.device)
-        if not (fits and grouped_mm_device_ok(x_NK.device) and grouped_mm_layout_ok(x_NK, w_EKM)):
-            return super().grouped_mm(x_NK, w_EKM, counts)  # the reference, which also raises on bad counts
-        return self._grouped_mm_fast(x_NK, w_EKM, counts)
-
-    def _grouped_mm_fast(self, x_NK, w_EKM, counts: list[int]):
-        """``torch._grouped_mm`` with the counts as int32 group ends on the device. One expert layer calls it three
-        times with the same counts, so the ends are copied once."""
-        key = (x_NK.device, tuple(counts))
-        if self._group_ends_cache[0] != key:
-            ends = self.tensor(list(itertools.accumulate(counts)), dtype="int32", device=x_NK.device)
-            self._group_ends_cache = (key, ends)
-        return torch._grouped_mm(x_NK, w_EKM, offs=self._group_ends_cache[1])
-
     # ------------------------------------------------------------------ autograd
     def autograd_function(self, forward: Callable, backward: Callable) -> Callable:
         return lambda x: _ClosureFunction.apply(x, forward, backward)
@@ -306,3 +315,6 @@ class TorchPlatform(Platform):
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def profile_range(self, name: str):
+        return torch.profiler.record_function(name)

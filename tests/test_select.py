@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import sys
 import pytest
 
 import hyper_parallel
-from hyper_parallel import _select, cli
+from hyper_parallel import _select, cli, functional
+from hyper_parallel.kernels import Kernels
 from hyper_parallel.platform import Platform, WorldEnv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,11 +118,25 @@ def test_world_env_parsing():
         WorldEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
 
 
-def test_platform_is_abstract_and_lists_its_members():
+def test_platform_is_abstract_and_the_contract_comes_in_three_groups():
     with pytest.raises(TypeError, match="abstract"):
         Platform()
+    # 1. what an adapter MUST provide: kept small (it was 48 members with kernels and autograd collectives mixed in)
     public = {n for n in dir(Platform) if not n.startswith("_")}
-    assert 30 <= len(public) <= 48, sorted(public)  # keep the contract small
+    assert 30 <= len(public) <= 42, sorted(public)
+    assert not {n for n in public if "differentiable" in n or n in ("grouped_mm", "permute_slots", "zeros_connected")}
+    # 2. what it MAY replace: the kernels, each with a neutral reference
+    assert sorted(n for n in dir(Kernels) if not n.startswith("_")) == ["grouped_mm", "permute_slots"]
+    # 3. what is written once on top: plain functions
+    assert all(callable(getattr(functional, n)) for n in functional.__all__)
+    assert "all_to_all_single_autograd" in functional.__all__
+
+
+def test_split_sizes_are_keyword_only():
+    params = inspect.signature(Platform.all_to_all_single).parameters
+    assert [n for n, v in params.items() if v.kind is v.POSITIONAL_OR_KEYWORD] == ["self", "x"]
+    params = inspect.signature(functional.all_to_all_single_autograd).parameters
+    assert [n for n, v in params.items() if v.kind is v.POSITIONAL_OR_KEYWORD] == ["x"]
 
 
 def test_info_command(capsys, monkeypatch):

@@ -19,18 +19,18 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from hyper_parallel._differentiable import DifferentiableCollectives  # noqa: E402
+from hyper_parallel.kernels import Kernels  # noqa: E402
 from platform_adapters import torch as adapter  # noqa: E402
 from tests.cases import permute_cases as pc  # noqa: E402
 
 
 def neutral_slots(counts, R, E, align=1):
-    """The neutral reference (``DifferentiableCollectives.permute_slots``) and its inputs."""
+    """The neutral reference (``Kernels.permute_slots``) and its inputs."""
     tokens = [sum(counts[e::E]) for e in range(E)]
     per_expert = [t if align == 1 else max(align, -(-t // align) * align) for t in tokens]
     offsets = [sum(per_expert[:e]) for e in range(E)]
     counts_t, offsets_t = torch.tensor(counts), torch.tensor(offsets)
-    ref = DifferentiableCollectives.permute_slots(adapter.TorchPlatform(), counts_t, R, E, sum(counts), offsets_t)
+    ref = Kernels(adapter.TorchPlatform()).permute_slots(counts_t, R, E, sum(counts), offsets_t)
     return ref, counts_t, offsets_t
 
 
@@ -90,7 +90,7 @@ def test_choice_of_index_build(requested, device, triton_usable, capturing, brok
 
 
 def test_unknown_index_build_is_rejected():
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     p.permute_slots_impl = "fused"
     with pytest.raises(ValueError, match=r"permute_slots_impl must be one of \['auto', 'triton', 'graph', 'eager', "
                                          r"'neutral'\], got 'fused'"):
@@ -100,7 +100,7 @@ def test_unknown_index_build_is_rejected():
 @pytest.mark.parametrize("impl", ["auto", "eager", "neutral"])
 def test_platform_permute_slots_on_cpu(impl):
     ref, counts_t, offsets_t = neutral_slots([3, 0, 2, 5, 1, 0], 2, 3, align=8)
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     p.permute_slots_impl = impl
     assert torch.equal(p.permute_slots(counts_t.reshape(2, 3), 2, 3, 11, offsets_t), ref)
 
@@ -116,7 +116,7 @@ def test_auto_falls_back_once_per_failing_build_and_warns(monkeypatch):
         raise RuntimeError("no GPU")
 
     monkeypatch.setattr(adapter, "permute_slots_triton", broken_kernel, raising=False)
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     ref, counts_t, offsets_t = neutral_slots([2, 0, 1, 4], 2, 2)
     with pytest.warns(RuntimeWarning) as seen:
         assert torch.equal(p.permute_slots(counts_t, 2, 2, 7, offsets_t), ref)
@@ -128,7 +128,7 @@ def test_auto_falls_back_once_per_failing_build_and_warns(monkeypatch):
 
 
 def test_forced_build_that_cannot_run_raises(monkeypatch):
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     p.permute_slots_impl = "triton"
     monkeypatch.setattr(adapter, "triton", None)
     with pytest.raises(RuntimeError, match=r"permute_slots_impl='triton' needs the triton package"):
@@ -216,11 +216,11 @@ def test_grouped_mm_layout_rules():
 @pytest.mark.parametrize("counts", [[3, 0, 7], [0, 0, 10], [10, 0, 0], [4, 4, 2]])
 def test_grouped_mm_kernel_matches_the_loop_forward_and_backward(counts):
     # torch._grouped_mm has a CPU kernel: the call the CUDA path makes, checked against the per-expert loop
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     x, w = _operands(sum(counts), 16, 24, 3, torch.float32)
     results = []
     for fn in (lambda a, b: p._grouped_mm_fast(a, b, counts),
-               lambda a, b: DifferentiableCollectives.grouped_mm(p, a, b, counts)):
+               lambda a, b: Kernels.grouped_mm(p, a, b, counts)):
         a, b = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
         y = fn(a, b)
         (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
@@ -231,7 +231,7 @@ def test_grouped_mm_kernel_matches_the_loop_forward_and_backward(counts):
 
 
 def test_grouped_mm_group_ends_are_copied_once_per_counts():
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     x, w = _operands(6, 16, 8, 2, torch.float32)
     p._grouped_mm_fast(x, w, [2, 4])
     ends = p._group_ends_cache[1]
@@ -243,9 +243,9 @@ def test_grouped_mm_group_ends_are_copied_once_per_counts():
 
 
 def test_grouped_mm_off_cuda_is_the_reference():
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     x, w = _operands(5, 16, 8, 2, torch.bfloat16)
-    torch.testing.assert_close(p.grouped_mm(x, w, (2, 3)), DifferentiableCollectives.grouped_mm(p, x, w, [2, 3]))
+    torch.testing.assert_close(p.grouped_mm(x, w, (2, 3)), Kernels.grouped_mm(p, x, w, [2, 3]))
     with pytest.raises(ValueError, match=r"grouped_mm: num_tokens_per_expert must be 2 non-negative counts summing "
                                          r"to the 5 rows, got \[2, 2\]"):
         p.grouped_mm(x, w, [2, 2])
@@ -253,7 +253,7 @@ def test_grouped_mm_off_cuda_is_the_reference():
 
 def test_grouped_mm_takes_the_kernel_when_the_device_allows(monkeypatch):
     monkeypatch.setattr(adapter, "grouped_mm_device_ok", lambda device: True)
-    p = adapter.TorchPlatform()
+    p = adapter.TorchPlatform().kernels
     x, w = _operands(5, 16, 8, 2, torch.bfloat16)
     calls = []
     real = p._grouped_mm_fast

@@ -161,7 +161,7 @@ def _all_to_all(x, src_dim: int, dst_dim: int, global_shape: Sequence[int], grou
         shape[_swapped(src_dim, dst_dim)] = src_sizes[i]
         block_shapes.append(shape)
     recvs = [_numel(s) for s in block_shapes]
-    out, _ = p.all_to_all_single(flat, (sum(recvs),), sends, recvs, group=group)
+    out, _ = p.all_to_all_single(flat, output_split_sizes=recvs, input_split_sizes=sends, group=group)
     offsets = [sum(recvs[:i]) for i in range(n)]
     blocks = [out[offsets[i]: offsets[i] + recvs[i]].reshape(block_shapes[i]) for i in range(n)]
     return _front(p.cat(blocks, dim=_swapped(src_dim, dst_dim)), dst_dim)

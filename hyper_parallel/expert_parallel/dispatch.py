@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from hyper_parallel._select import get_platform
+from hyper_parallel.functional import all_to_all_single_autograd
 from hyper_parallel.expert_parallel.permute import PermuteIndices, build_permute_indices, permute, unpermute
 from hyper_parallel.platform import Group
 
@@ -92,7 +93,8 @@ def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, al
     if G % R:
         raise ValueError(f"expert parallel degree ({R}) must divide the number of experts ({G})")
     E = G // R
-    counts_RE, _ = p.all_to_all_single(num_tokens_per_expert_G, None, [E] * R, [E] * R, group=group)
+    counts_RE, _ = p.all_to_all_single(num_tokens_per_expert_G, output_split_sizes=[E] * R,
+                                       input_split_sizes=[E] * R, group=group)
     # The one device-to-host sync of a dispatch: both count vectors at once.
     host = p.tolist(p.cat([num_tokens_per_expert_G, counts_RE]))
     host_counts_G, host_counts_RE = host[:G], host[G:]
@@ -102,15 +104,15 @@ def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, al
         raise ValueError(f"num_tokens_per_expert sums to {sum(input_splits)} but routed_input has "
                          f"{routed_input_ND.shape[0]} rows")
     meta_args = dict(group=group, input_splits=input_splits, output_splits=output_splits)
-    received, handle = p.differentiable_all_to_all_single(routed_input_ND, input_splits, output_splits, group,
-                                                          async_op=True)
+    received, handle = all_to_all_single_autograd(routed_input_ND, output_split_sizes=output_splits,
+                                                  input_split_sizes=input_splits, group=group, async_op=True)
     pending = PendingDispatch(received, handle, counts_RE, host_counts_RE, meta_args, align)
     return pending if async_op else pending.wait()
 
 
 def token_combine(routed_output_PD, meta: DispatchMeta):
     """Undo :func:`token_dispatch`: rows back to their rank, in their original order (``[N, D]``)."""
-    p = get_platform()
     back_TD = unpermute(routed_output_PD, meta.indices)
-    return p.differentiable_all_to_all_single(back_TD, meta.output_splits, meta.input_splits, meta.group)
+    return all_to_all_single_autograd(back_TD, output_split_sizes=meta.input_splits,
+                                      input_split_sizes=meta.output_splits, group=meta.group)
 

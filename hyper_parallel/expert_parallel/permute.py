@@ -27,6 +27,7 @@ import dataclasses
 from typing import Sequence
 
 from hyper_parallel._select import get_platform
+from hyper_parallel.functional import zeros_connected
 
 __all__ = ["PermuteIndices", "aligned_counts", "build_permute_indices", "permute", "unpermute"]
 
@@ -102,7 +103,7 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
     if T == 0:  # nothing to place (and repeat_interleave with all-zero repeats is a trap on some backends)
         slot_of_row_T = p.zeros((0,), dtype="int64", device=device)
     else:
-        slot_of_row_T = p.permute_slots(counts_RE, R, E, T, p.tensor(offsets, dtype="int64", device=device))
+        slot_of_row_T = p.kernels.permute_slots(counts_RE, R, E, T, p.tensor(offsets, dtype="int64", device=device))
         source_row_P[slot_of_row_T] = p.arange(T, device=device)
     return PermuteIndices(source_row_P=source_row_P, slot_of_row_T=slot_of_row_T,
                           num_tokens_per_expert=tuple(per_expert), expert_offsets=tuple(offsets),
@@ -113,7 +114,7 @@ def permute(x_TD, indices: PermuteIndices):
     """Rank-major rows ``[T, D]`` -> expert-major slots ``[P, D]`` (padding slots are zero). Differentiable; a
     rank with no rows still returns a tensor connected to ``x_TD``'s graph."""
     if indices.num_rows == 0:
-        return get_platform().zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
+        return zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
     if indices.num_slots == indices.num_rows:  # no padding: a pure permutation, no zero row to append
         return x_TD[indices.source_row_P]
     p = get_platform()
@@ -124,6 +125,6 @@ def permute(x_TD, indices: PermuteIndices):
 def unpermute(y_PD, indices: PermuteIndices):
     """Expert-major slots ``[P, D]`` -> rank-major rows ``[T, D]`` (padding slots are dropped). Differentiable."""
     if indices.num_rows == 0:
-        return get_platform().zeros_connected(y_PD, (0, *y_PD.shape[1:]))
+        return zeros_connected(y_PD, (0, *y_PD.shape[1:]))
     return y_PD[indices.slot_of_row_T]
 

@@ -2,7 +2,7 @@
 
 ``out_e = w2_e(silu(w1_e x) * w3_e x)`` for the rows of each expert, with parameters ``w1 [E, hidden, dim]``,
 ``w2 [E, dim, hidden]``, ``w3 [E, hidden, dim]``. Called as ``experts(routed_input [N, dim], num_tokens_per_expert
-[E]) -> [N, dim]``, rows in the same order. The per-expert products go through ``Platform.grouped_mm``: a loop
+[E]) -> [N, dim]``, rows in the same order. The per-expert products go through ``platform.kernels.grouped_mm``: a loop
 over experts on every backend (the reference), replaced by a batched kernel where the adapter has one.
 
 An expert-parallel style may shard the parameters (see ``hyper_parallel.expert_parallel``); the computation is the
@@ -22,9 +22,9 @@ __all__ = ["GroupedExperts", "swiglu_experts"]
 def swiglu_experts(x_ND, num_tokens_per_expert: Sequence[int], w1_EHD, w2_EDH, w3_EHD):
     """The experts' computation on local parameters; ``num_tokens_per_expert`` are host ints summing to N."""
     p = get_platform()
-    h_NH = p.grouped_mm(x_ND, w1_EHD.mT, num_tokens_per_expert)
-    g_NH = p.grouped_mm(x_ND, w3_EHD.mT, num_tokens_per_expert)
-    return p.grouped_mm(h_NH * h_NH.sigmoid() * g_NH, w2_EDH.mT, num_tokens_per_expert)
+    h_NH = p.kernels.grouped_mm(x_ND, w1_EHD.mT, num_tokens_per_expert)
+    g_NH = p.kernels.grouped_mm(x_ND, w3_EHD.mT, num_tokens_per_expert)
+    return p.kernels.grouped_mm(h_NH * h_NH.sigmoid() * g_NH, w2_EDH.mT, num_tokens_per_expert)
 
 
 def _define(Module):

@@ -18,6 +18,7 @@ from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.dtensor import DTensor
 from hyper_parallel.dtensor.placement import Partial, Replicate
 from hyper_parallel.expert_parallel.styles import expert_style_of
+from hyper_parallel.functional import zeros_connected
 from hyper_parallel.moe._layers import layer_class
 from hyper_parallel.moe.experts import _define as _define_experts
 from hyper_parallel.moe.losses import update_expert_bias
@@ -103,7 +104,7 @@ def _define(Module):
                 x_routed_TD = _partial_grad(x_TD, sp_mesh)
             scores_N, pairs_N, counts_E = self.reorderer(top_scores_TK, selected_TK)
             N = pairs_N.shape[0]
-            routed_ND = x_routed_TD[pairs_N // self.top_k] if N else p.zeros_connected(x_routed_TD, (0, self.dim))
+            routed_ND = x_routed_TD[pairs_N // self.top_k] if N else zeros_connected(x_routed_TD, (0, self.dim))
             routed_ND, shared_TD = self._experts(routed_ND, counts_E, x_TD)
             routed_ND = routed_ND * scores_N.reshape(-1, 1)
             out_TD = self._sum_pairs(routed_ND, pairs_N, T)
@@ -137,7 +138,7 @@ def _define(Module):
             plain indexed assignment (differentiable everywhere, unlike scatter-add) then a sum over K."""
             p = get_platform()
             if routed_ND.shape[0] == 0:
-                return p.zeros_connected(routed_ND, (T, self.dim))
+                return zeros_connected(routed_ND, (T, self.dim))
             slots = p.zeros((T * self.top_k, self.dim), dtype=p.dtype_name(routed_ND.dtype),
                             device=getattr(routed_ND, "device", None))
             slots[pairs_N] = routed_ND

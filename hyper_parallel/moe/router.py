@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from hyper_parallel._select import get_platform
+from hyper_parallel.functional import zeros_connected
 from hyper_parallel.moe._layers import init_normal, layer_class
 
 __all__ = ["TokenChoiceTopKRouter", "TokenReorderer", "SCORE_FUNCS", "expert_capacity"]
@@ -233,7 +234,7 @@ def _define_reorderer(Module):
                                  f"{self.top_k}], got {list(top_scores_TK.shape)} and {list(shape)}")
             n = shape[0] * shape[1]
             if n == 0:  # zero-size sorts, sums and indexing are traps on some backends
-                return (p.zeros_connected(top_scores_TK, (0,)), p.zeros((0,), dtype="int64"),
+                return (zeros_connected(top_scores_TK, (0,)), p.zeros((0,), dtype="int64"),
                         p.zeros((E,), dtype="int64"))
             experts_N = selected_experts_TK.reshape(-1).to(i64)
             counts_E = (experts_N.reshape(-1, 1) == p.arange(E)).sum(0).to(i64)

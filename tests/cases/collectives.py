@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from hyper_parallel import functional as F
 from hyper_parallel import get_platform
 
 FLOAT_TOL = {"float32": 1e-6, "bfloat16": 1e-2, "int64": 0, "int32": 0, "float64": 1e-12, "float16": 1e-3}
@@ -87,7 +88,7 @@ def mesh_groups_2x2():
     send = [me + j + 1 for j in range(2)]
     recv = [i + me + 1 for i in range(2)]
     payload = _rows(np.concatenate([np.full(n, 100.0 * rank + j) for j, n in enumerate(send)]), "float32")
-    out, _ = p.all_to_all_single(payload, None, send, recv, group=row)
+    out, _ = p.all_to_all_single(payload, output_split_sizes=recv, input_split_sizes=send, group=row)
     want = np.concatenate([np.full(n, 100.0 * row.ranks[i] + me) for i, n in enumerate(recv)])
     _close(p.tolist(out), np.repeat(want[:, None], 3, 1), "float32", "row all_to_all")
     p.barrier(col)
@@ -169,7 +170,8 @@ def all_to_all(pattern: str, dtype: str, async_op: bool = False):
     # row k sent to j carries 8*(world*rank + j) + k: origin, destination and position, exact in bf16 at 4 ranks
     values = np.concatenate([8.0 * (world * rank + j) + np.arange(n) for j, n in enumerate(send)] or [[]])
     x = _rows(values, dtype)
-    out, handle = p.all_to_all_single(x, (sum(recv), 3), send, recv, async_op=async_op)
+    out, handle = p.all_to_all_single(x, output_split_sizes=recv, input_split_sizes=send, output_shape=(sum(recv), 3),
+                                        async_op=async_op)
     handle.wait()
     assert handle.is_completed()
     want = np.concatenate([8.0 * (world * i + rank) + np.arange(n) for i, n in enumerate(recv)] or [[]])
@@ -193,16 +195,16 @@ def gradients():
 
     # all_reduce: y = sum_r x_r on every rank -> dL/dx = sum_r w_r
     w_sum = np.array([sum(10.0 * r + k for r in range(world)) for k in range(2)])
-    check(p.differentiable_all_reduce, 2, np.repeat(w_sum[:, None], 2, 1), "all_reduce grad")
+    check(F.all_reduce_autograd, 2, np.repeat(w_sum[:, None], 2, 1), "all_reduce grad")
     # identity forward, all_reduce backward: the same gradient
-    check(p.identity_fwd_all_reduce_bwd, 2, np.repeat(w_sum[:, None], 2, 1), "identity/all_reduce grad")
+    check(F.identity_fwd_all_reduce_bwd, 2, np.repeat(w_sum[:, None], 2, 1), "identity/all_reduce grad")
     # all_gather: rows [2*rank, 2*rank+1] of every rank's output come from my x -> sum_r w_r[2*rank + k]
     g_ag = np.array([sum(10.0 * r + 2 * rank + k for r in range(world)) for k in range(2)])
-    check(p.differentiable_all_gather, 2 * world, np.repeat(g_ag[:, None], 2, 1), "all_gather grad")
+    check(F.all_gather_autograd, 2 * world, np.repeat(g_ag[:, None], 2, 1), "all_gather grad")
     # reduce_scatter of 2*world rows: my row k lands on rank k // 2 as its row k % 2
     xr = _rows(np.arange(2.0 * world), "float32", cols=2)
     w_rs = lambda r: np.arange(2) + 10.0 * r  # noqa: E731
-    _, (g,), _ = p.value_and_grad(lambda t: (p.differentiable_reduce_scatter(t) * _rows(w_rs(rank), "float32", 2))
+    _, (g,), _ = p.value_and_grad(lambda t: (F.reduce_scatter_autograd(t) * _rows(w_rs(rank), "float32", 2))
                                   .sum(), [xr])
     want = np.array([w_rs(k // 2)[k % 2] for k in range(2 * world)])
     _close(p.tolist(g), np.repeat(want[:, None], 2, 1), "float32", "reduce_scatter grad")
@@ -211,7 +213,8 @@ def gradients():
     send, recv = m[rank].tolist(), m[:, rank].tolist()
     xa = _rows(np.arange(sum(send), dtype=np.float64), "float32", cols=2)
     wa = _rows(np.arange(sum(recv)) + 100.0 * rank, "float32", cols=2)
-    _, (g,), _ = p.value_and_grad(lambda t: (p.differentiable_all_to_all_single(t, send, recv) * wa).sum(), [xa])
+    _, (g,), _ = p.value_and_grad(lambda t: (F.all_to_all_single_autograd(t, output_split_sizes=recv,
+                                                                                input_split_sizes=send) * wa).sum(), [xa])
     want = [100.0 * j + m[:rank, j].sum() + k for j in range(world) for k in range(send[j])]
     _close(p.tolist(g), np.repeat(np.asarray(want, dtype=np.float64).reshape(-1, 1), 2, 1).reshape(-1, 2),
            "float32", "all_to_all grad")
@@ -252,6 +255,19 @@ def count_calls():
             p.tolist(x)
     assert dict(inner) == {"all_to_all_single": 1, "host_sync": 1}, dict(inner)
     assert dict(outer) == {"all_reduce": 1, "all_to_all_single": 1, "host_sync": 1}, dict(outer)
+    # payload bytes: all_reduce hands over all of x (world rows of 2 float32); all_to_all sends one row to each peer
+    world = p.get_world_size()
+    assert outer.bytes["all_reduce"] == 8 * world and outer.bytes["host_sync"] == 0, dict(outer.bytes)
+    assert inner.bytes["all_to_all_single"] == outer.bytes["all_to_all_single"] == 8 * (world - 1), dict(inner.bytes)
+    # uneven: rank r sends r + j + 1 rows of 3 bfloat16 to rank j; only the rows for peers count
+    rank = p.get_rank()
+    send = [rank + j + 1 for j in range(world)]
+    recv = [i + rank + 1 for i in range(world)]
+    with p.count_calls() as calls, p.profile_range("hyper_parallel.test_range"):
+        p.all_to_all_single(p.zeros((sum(send), 3), dtype="bfloat16"), output_split_sizes=recv, input_split_sizes=send)
+        p.broadcast(p.zeros((5,), dtype="int32"), src=0)
+    assert calls.bytes["all_to_all_single"] == 6 * (sum(send) - send[rank]), dict(calls.bytes)
+    assert calls.bytes["broadcast"] == 20 and calls["broadcast"] == 1, dict(calls.bytes)
     return True
 
 

@@ -1,0 +1,82 @@
+"""Compute kernels an adapter MAY replace with a faster one, with the neutral reference of each.
+
+:class:`Kernels` is the second group of the contract (see :mod:`hyper_parallel.platform`): every member has a
+working implementation written once on the shared tensor API, which every backend runs and every fast path is
+checked against. An adapter that has a faster kernel subclasses :class:`Kernels`, overrides the member, and hands
+an instance to its platform (``self.kernels = MyKernels(self)``); neutral code calls ``get_platform().kernels.<name>``.
+
+>>> from hyper_parallel import get_platform
+>>> slots = get_platform().kernels.permute_slots(counts_RE, 2, 4, 10, offsets_E)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from hyper_parallel.functional import zeros_connected
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hyper_parallel.platform import Platform
+
+__all__ = ["Kernels"]
+
+
+class Kernels:
+    """The replaceable kernels of one platform. The methods here are the references.
+
+    Args:
+        platform: the platform whose factories the references use.
+    """
+
+    def __init__(self, platform: "Platform") -> None:
+        self.platform = platform
+
+    def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
+        """Slot in the expert-major buffer of every rank-major row (the index build of
+        :func:`~hyper_parallel.expert_parallel.permute.build_permute_indices`); ``[T]`` int64.
+
+        Vectorized with cumsum / repeat_interleave / arange, no loop over experts or ranks: each (rank, expert) block
+        of rows is contiguous on both sides, so a row's slot is its block's destination start plus its offset inside
+        the block. It launches ~10 small kernels, so on GPUs it is launch-bound (the torch adapter fuses it).
+
+        Args:
+            counts_RE: int64 ``[R*E]`` rows from rank r for local expert e (rank-major); ``num_rows`` = their sum > 0.
+            num_ranks: R.
+            num_local_experts: E.
+            num_rows: T, the sum of ``counts_RE``.
+            expert_offsets_E: int64 ``[E]`` start slot of each expert's group (padding included).
+        """
+        R, E, T = num_ranks, num_local_experts, num_rows
+        counts_RE = counts_RE.reshape(-1)
+        counts_ER = counts_RE.reshape(R, E).swapaxes(0, 1).contiguous()
+        # destination start of block (e, r): the expert's group start + rows of lower ranks for that expert
+        dst_start_ER = expert_offsets_E.reshape(E, 1) + counts_ER.cumsum(1) - counts_ER
+        dst_start_RE = dst_start_ER.swapaxes(0, 1).contiguous().reshape(-1)
+        # source start of block (r, e) in the rank-major buffer, and each row's offset inside its block
+        src_start_RE = counts_RE.cumsum(0) - counts_RE
+        offset_in_block_T = self.platform.arange(T, device=getattr(counts_RE, "device", None)) \
+            - src_start_RE.repeat_interleave(counts_RE, 0)
+        return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
+
+    def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
+        """Rows ``[offset_e, offset_e + n_e)`` of ``x_NK`` times ``w_EKM[e]``, for every expert ``e``; ``[N, M]``.
+
+        The per-expert loop. ``num_tokens_per_expert`` are host ints summing to N.
+
+        Raises:
+            ValueError: the counts do not match ``w_EKM``'s experts or do not sum to N.
+        """
+        counts = [int(n) for n in num_tokens_per_expert]
+        if len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0:
+            raise ValueError(f"grouped_mm: num_tokens_per_expert must be {w_EKM.shape[0]} non-negative counts "
+                             f"summing to the {x_NK.shape[0]} rows, got {counts}")
+        outs, start = [], 0
+        # unbind, not w_EKM[e]: the gradient of an index is a full-size [E, K, M] tensor per expert, of unbind one
+        # slice each (measured 6-56x faster backward on a GPU)
+        for n, w_KM in zip(counts, w_EKM.unbind(0)):
+            if n:  # empty experts are skipped: zero-size matmuls are a trap on some backends
+                outs.append(x_NK[start:start + n] @ w_KM)
+            start += n
+        if not outs:
+            return zeros_connected(x_NK, (0, w_EKM.shape[-1]))
+        return outs[0] if len(outs) == 1 else self.platform.cat(outs)
