@@ -54,7 +54,8 @@ from hyper_parallel.expert_parallel import ExpertTensorParallel  # noqa: E402
 from hyper_parallel.expert_parallel.dispatch import token_combine, token_dispatch  # noqa: E402
 from hyper_parallel.kernels import Kernels  # noqa: E402
 from hyper_parallel.expert_parallel.permute import build_permute_indices, permute  # noqa: E402
-from hyper_parallel.moe.experts import GroupedExperts, swiglu_experts  # noqa: E402
+from hyper_parallel.moe.experts import swiglu_experts  # noqa: E402
+from hyper_parallel.moe.torch import GroupedExperts  # noqa: E402
 from platform_adapters import torch as adapter  # noqa: E402
 
 

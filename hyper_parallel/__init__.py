@@ -19,6 +19,7 @@ from hyper_parallel.dtensor import (
     full_parameter,
     get_parameter_spec,
     init_device_mesh,
+    named_parameter_specs,
 )
 from hyper_parallel.expert_parallel import BaseExpertParallel, ExpertParallel, ExpertTensorParallel, TensorParallel
 from hyper_parallel.parallel import (
@@ -31,12 +32,13 @@ from hyper_parallel.parallel import (
 )
 from hyper_parallel.platform import Group, Handle, Platform
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (setuptools dynamic)
 
 __all__ = [
     "BaseExpertParallel", "ExpertParallel", "ExpertTensorParallel", "TensorParallel",
     "ENV_VAR", "ColwiseParallel", "DTensor", "DeviceMesh", "Group", "Handle", "ParallelStyle", "ParameterSpec",
     "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
     "Shard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",
-    "full_parameter", "get_parameter_spec", "get_platform", "init_device_mesh", "parallelize_module", "__version__",
+    "full_parameter", "get_parameter_spec", "get_platform", "init_device_mesh", "named_parameter_specs",
+    "parallelize_module", "__version__",
 ]

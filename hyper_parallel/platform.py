@@ -33,6 +33,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from hyper_parallel import _validation as check
+from hyper_parallel._select import get_platform
 from hyper_parallel.kernels import Kernels
 
 __all__ = ["CallCounts", "Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
@@ -75,6 +76,15 @@ class Group:
 
     def __repr__(self) -> str:
         return f"Group(ranks={list(self.ranks)})"
+
+    def __reduce__(self):
+        # A process group is a live resource of this process, not data: pickling (and deepcopy) keep its ranks,
+        # and loading finds this process's group over the same ranks (see Platform.new_group).
+        return _group_by_ranks, (self.ranks,)
+
+
+def _group_by_ranks(ranks: tuple[int, ...]) -> "Group":
+    return get_platform()._existing_group(tuple(ranks))
 
 
 class Handle:
@@ -151,6 +161,7 @@ class Platform(abc.ABC):
         self._world: Group | None = None
         self._rank: int | None = None
         self._counters: list[CallCounts] = []
+        self._groups_by_ranks: dict[tuple[int, ...], Group] = {}
         self.kernels = Kernels(self)
 
     # ------------------------------------------------------------------ identity
@@ -203,6 +214,7 @@ class Platform(abc.ABC):
             native = self._init_process_group(env, timeout_s)
             self._rank = env.rank
             self._world = Group(ranks=tuple(range(env.world_size)), native=native)
+            self._groups_by_ranks = {self._world.ranks: self._world}
         return self._world
 
     def _read_world_env(self) -> WorldEnv:
@@ -225,6 +237,9 @@ class Platform(abc.ABC):
         """Create a process group of ``ranks``. EVERY rank of the world calls it, with the same arguments, in the
         same order (the torch habit); frameworks that want members-only creation get it inside the adapter.
 
+        A group is created once per process: asking again for the same ranks returns the same ``Group`` without
+        any collective (so meshes built twice share groups, and an unpickled model finds its groups again).
+
         Raises:
             ValueError: if ``ranks`` is empty, has duplicates, or names a rank outside the world.
         """
@@ -235,10 +250,10 @@ class Platform(abc.ABC):
                 f"new_group: ranks must be a non-empty list of distinct world ranks in [0, {world.size}), got "
                 f"{list(ranks)}"
             )
-        if ranks == world.ranks:
-            return world
-        native = self._new_group(ranks, member=self._rank in ranks)
-        return Group(ranks=ranks, native=native if self._rank in ranks else None)
+        if ranks not in self._groups_by_ranks:
+            native = self._new_group(ranks, member=self._rank in ranks)
+            self._groups_by_ranks[ranks] = Group(ranks=ranks, native=native if self._rank in ranks else None)
+        return self._groups_by_ranks[ranks]
 
     def group_rank(self, group: Group | None = None) -> int:
         """This process's rank inside ``group``.
@@ -263,6 +278,7 @@ class Platform(abc.ABC):
             self._destroy_process_group()
             self._world = None
             self._rank = None
+            self._groups_by_ranks = {}
 
     def barrier(self, group: Group | None = None) -> None:
         """Block until every member of ``group`` has reached the barrier (a real block on every backend)."""
@@ -478,6 +494,20 @@ class Platform(abc.ABC):
         for d in tuple(x.shape)[1:]:
             row *= int(d)
         return row * (int(x.shape[0]) if x.shape else 1) if rows is None else row * rows
+
+    def _existing_group(self, ranks: tuple[int, ...]) -> Group:
+        """The group over ``ranks`` this process already created (what an unpickled object refers to).
+
+        Raises:
+            RuntimeError: no world yet, or no such group in this process.
+        """
+        self._require_world("loading a pickled process group")
+        if ranks not in self._groups_by_ranks:
+            raise RuntimeError(
+                f"the object being loaded refers to a process group over ranks {list(ranks)}, which this process has "
+                f"not created (it has groups over {sorted(list(r) for r in self._groups_by_ranks)}). Build the same "
+                "device mesh first (init_device_mesh with the same shape), then load; or save unparallelized weights")
+        return self._groups_by_ranks[ranks]
 
     def _require_world(self, what: str) -> Group:
         if self._world is None:

@@ -1,5 +1,6 @@
 """``hyper-parallel bench``: the quick sweep end to end (tables, JSON, every ratio finite and positive), argument
-errors, and the formatting and reference helpers."""
+errors, the formatting and reference helpers, and the shared progress line and table formatter it prints with
+(:mod:`hyper_parallel._console`, which the demo uses too)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import os
 
 import pytest
 
-from hyper_parallel import bench
+from hyper_parallel import _console, bench
+from hyper_parallel.bench import cli as bench_cli
 from hyper_parallel.testing import RankError
 
 
@@ -90,7 +92,7 @@ def test_a_failing_cell_is_reported_without_a_traceback(monkeypatch, capsys):
     def boom(*args, **kwargs):
         raise RankError("_dispatch_cell failed on torch x2: ...")
 
-    monkeypatch.setattr(bench, "run", boom)
+    monkeypatch.setattr(bench_cli, "run", boom)  # where main looks it up
     assert bench.main(["--quick", "--backends", "torch"]) == 1
     assert "a benchmark cell failed: _dispatch_cell failed on torch x2" in capsys.readouterr().err
 
@@ -98,7 +100,7 @@ def test_a_failing_cell_is_reported_without_a_traceback(monkeypatch, capsys):
 def _fake_report(backends):
     sec_p = {b: {"vectorized": 2e-4, "loop": 3e-2} for b in backends}
     sec_d = {b: {"dispatch_combine": 1.5, "raw_all_to_all": 0.0} for b in backends}
-    return bench._report(backends, bench.QUICK, {(1024, 2, 4): sec_p}, {(2, 512): sec_d},
+    return bench.build_report(backends, bench.QUICK, {(1024, 2, 4): sec_p}, {(2, 512): sec_d},
                          {b: {b: "1.0"} for b in backends}, 1.0)
 
 
@@ -116,25 +118,78 @@ def test_format_both_backends():
     assert "ms/torch vec" in text and "ms/torch d+c" in text
 
 
-def test_progress_lines_and_terminal_mode():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
 
+
+def test_progress_lines_and_terminal_mode():
     plain = io.StringIO()
-    bar = bench._Progress(2, True, plain)
+    bar = bench.progress_line(2, True, plain)
     bar.step("first")
     bar.step("second")
     bar.close()
-    assert plain.getvalue().count("\n") == 2 and "[  2/2]" in plain.getvalue()
-    tty = Tty()
-    bar = bench._Progress(1, True, tty)
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 2 and plain.getvalue().endswith("\n")  # a line per step off a terminal
+    assert lines[0].startswith("bench [############............] 1/2  ") and lines[0].endswith("s  first")
+    assert lines[1].startswith("bench [########################] 2/2  ") and lines[1].endswith("s  second")
+    tty = _Tty()
+    bar = bench.progress_line(1, True, tty)
     bar.step("only")
     bar.close()
-    assert tty.getvalue().startswith("\rbench [  1/1]") and "\n" not in tty.getvalue()
+    # redrawn in place, then erased: the tables follow on a clean line
+    assert tty.getvalue().startswith("\r\033[Kbench [########################] 1/1  ") and "\n" not in tty.getvalue()
+    assert tty.getvalue().endswith("s  only\r\033[K")
     quiet = io.StringIO()
-    bench._Progress(1, False, quiet).step("nothing")
+    bench.progress_line(1, False, quiet).step("nothing")
     assert quiet.getvalue() == ""
+
+
+def test_console_progress_spreads_log_lines_and_throttles_redraws():
+    log = io.StringIO()
+    bar = _console.Progress("run", 20, stream=log, width=4, log_lines=10)
+    for done in range(1, 21):
+        bar.update(done, f"step {done}")
+    # the first step (the run has started), then a line each time 10 * done // 20 grows: every second step
+    assert log.getvalue().splitlines() == [f"run [{'#' * round(d / 5)}{'.' * (4 - round(d / 5))}] {d:>2}/20  step {d}"
+                                           for d in [1, *range(2, 21, 2)]]
+    tty = _Tty()
+    bar = _console.Progress("run", 3, stream=tty, width=3, min_redraw_s=60)
+    for done in (1, 2, 3):
+        bar.update(done, "x")
+    bar.close()
+    # the first draw and the last step only (the last one always), then kept on its own line
+    assert tty.getvalue() == "\r\033[Krun [#..] 1/3  x\r\033[Krun [###] 3/3  x\r\033[Krun [###] 3/3  x\n"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"total": 0}, "Progress: total must be an int >= 1, got 0"),
+    ({"total": 3, "width": 0}, "Progress: width must be an int >= 1, got 0"),
+    ({"total": 3, "log_lines": 0}, "log_lines must be None (a line per update) or an int >= 1, got 0"),
+])
+def test_console_progress_rejects_bad_sizes(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        _console.Progress("run", **kwargs)
+    assert message in str(e.value)
+
+
+def test_console_table_plain_and_markdown():
+    rows = [["torch", 1.5, "ok"], ["mindspore", 12, "-"]]
+    assert _console.format_table(rows, ["run", "loss", "verdict"]) == "\n".join([
+        "run        loss  verdict",
+        "---------  ----  -------",
+        "torch       1.5       ok",
+        "mindspore    12        -"])
+    assert _console.format_table(rows, ["run", "loss", "verdict"], align="lrl", markdown=True) == "\n".join([
+        "| run       | loss | verdict |",
+        "|:----------|-----:|:--------|",
+        "| torch     |  1.5 | ok      |",
+        "| mindspore |   12 | -       |"])
+    assert _console.format_table([], ["a", "bb"], markdown=True) == "| a | bb |\n|:--|---:|"  # no rows
+    with pytest.raises(ValueError, match=r"every row must have 2 cells like the header \['a', 'b'\], row 1 has 1"):
+        _console.format_table([["1", "2"], ["3"]], ["a", "b"])
+    with pytest.raises(ValueError, match=r"align must be 2 letters, each 'l' \(left\) or 'r' \(right\), got 'lc'"):
+        _console.format_table([["1", "2"]], ["a", "b"], align="lc")
 
 
 def test_counts_are_seeded_uneven_and_complete():

@@ -21,7 +21,7 @@ def test_reorder_worked_example_ties_keep_token_order():
     assert kept.tolist() == [1, 4, 7, 0, 3, 6, 2, 5]
     assert tokens.tolist() == [0, 2, 3, 0, 1, 3, 1, 2] and counts.tolist() == [3, 3, 0, 2]
     from hyper_parallel import get_platform
-    from hyper_parallel.moe.router import TokenReorderer
+    from hyper_parallel.moe import TokenReorderer
 
     p = get_platform()
     got = TokenReorderer(num_experts=4, top_k=2)(rc._t(scores), rc._t(sel, "int64"))
@@ -39,7 +39,8 @@ def test_capacity_worked_example_drops_the_latest_tokens():
     _, tokens, counts, kept = rc.ref_reorder(np.zeros((4, 2)), sel, 4, 0.75)
     assert tokens.tolist() == [0, 2, 0, 1, 1, 2] and counts.tolist() == [2, 2, 0, 2]
     from hyper_parallel import get_platform
-    from hyper_parallel.moe.router import TokenReorderer, expert_capacity
+    from hyper_parallel.moe import TokenReorderer
+    from hyper_parallel.moe.router import expert_capacity
 
     assert expert_capacity(0.75, 4, 2, 4) == 2 and expert_capacity(1.1, 25, 2, 5) == 11
     got = TokenReorderer(num_experts=4, top_k=2, capacity_factor=0.75)(rc._t(np.zeros((4, 2))), rc._t(sel, "int64"))

@@ -1,4 +1,5 @@
-"""The demo's output: the progress bar, the summary table, the JSON summary and the PNG.
+"""The demo's output: the progress bar, the summary table (both drawn by :mod:`hyper_parallel._console`), the
+JSON summary and the PNG.
 
 Framework-free: it only sees the per-step records the ranks print (see :mod:`hyper_parallel.demo.train`).
 """
@@ -9,66 +10,39 @@ import json
 import math
 import sys
 import threading
-import time
 
+from hyper_parallel._console import Progress, format_table
 from hyper_parallel.demo.train import RECORD_PREFIX
+
+# format_table is the shared one, re-exported: the driver prints its summary table with it
+__all__ = ["ProgressBar", "RecordSink", "tokens_per_second", "max_abs_diff", "rel_diffs", "format_table", "plot",
+           "json_dump"]
 
 
 class ProgressBar:
-    """A one-line progress bar on ``stream`` (stderr): step, loss, tokens/s.
+    """The demo's progress line on ``stream`` (stderr): step, loss, tokens/s, drawn by :class:`Progress`.
 
     On a terminal it redraws in place (at most 10 times a second); otherwise (CI logs, pipes) it prints a line at
     every 10% of the run, so logs stay short.
     """
 
     def __init__(self, label: str, total: int, tokens_per_step: int, stream=None, width: int = 24):
-        self.label, self.total, self.tokens = label, total, tokens_per_step
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done, self.loss, self.rate = 0, None, None
-        self._last_draw, self._last_decile, self._drawn = 0.0, -1, False
+        self.tokens = tokens_per_step
+        self.rate: float | None = None
+        self._bar = Progress(label, total, stream=stream, width=width, log_lines=10, min_redraw_s=0.1, keep=True)
 
     def update(self, step: int, loss: float, time_s: float) -> None:
-        self.done = step + 1
-        self.loss = loss
-        if step > 0 or self.total == 1:  # step 0 carries the warm-up: not a rate
+        if step > 0 or self._bar.total == 1:  # step 0 carries the warm-up: not a rate
             self.rate = self.tokens / max(time_s, 1e-9)
-        self._draw()
-
-    def line(self) -> str:
-        frac = self.done / self.total
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
-        loss = "   -    " if self.loss is None else f"{self.loss:.6f}"
         rate = "-" if self.rate is None else f"{self.rate:,.0f}"
-        return f"{self.label} [{bar}] {self.done:>{len(str(self.total))}}/{self.total}  loss {loss}  {rate} tok/s"
-
-    def _draw(self) -> None:
-        now = time.monotonic()
-        if self.tty:
-            if self.done < self.total and now - self._last_draw < 0.1:
-                return
-            self.stream.write("\r\033[K" + self.line())
-            self._drawn = True
-        else:
-            decile = (10 * self.done) // self.total
-            if decile == self._last_decile:
-                return
-            self._last_decile = decile
-            self.stream.write(self.line() + "\n")
-        self._last_draw = now
-        self.stream.flush()
+        self._bar.update(step + 1, f"loss {loss:.6f}  {rate} tok/s")
 
     def clear_line(self) -> None:
         """Make room for a message above the bar (terminal only)."""
-        if self.tty and self._drawn:
-            self.stream.write("\r\033[K")
+        self._bar.clear_line()
 
     def close(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\r\033[K" + self.line() + "\n")
-            self.stream.flush()
+        self._bar.close()
 
 
 class RecordSink:
@@ -124,14 +98,6 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 def rel_diffs(a: list[float], b: list[float]) -> list[float]:
     return [abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b)]
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *map(fmt, rows)])
 
 
 def plot(path: str, summary: dict) -> None:

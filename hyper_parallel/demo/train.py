@@ -33,41 +33,11 @@ from hyper_parallel import (
     init_device_mesh,
 )
 from hyper_parallel.demo.config import RunSpec
+from hyper_parallel.demo.model import build_model
 from hyper_parallel.demo.task import TeacherTask
 from hyper_parallel.moe import update_expert_bias
-from hyper_parallel.moe._layers import layer_class
 
 RECORD_PREFIX = "@@hpdemo "
-
-
-def _define_model(Module):
-    from hyper_parallel.moe import MoE  # built for the active framework on first use
-
-    class DemoModel(Module):
-        """``layers`` MoE layers on a residual stream: ``h = h + moe_l(h)``."""
-
-        def __init__(self, cfg):
-            super().__init__()
-            self.num_layers = cfg.layers
-            for i in range(cfg.layers):
-                setattr(self, f"layer{i}", MoE(
-                    dim=cfg.dim, hidden_dim=cfg.hidden, num_experts=cfg.experts, top_k=cfg.top_k,
-                    num_shared_experts=cfg.shared_experts, use_expert_bias=True, init_std=cfg.init_std,
-                    seed=cfg.seed * 1000 + 10 * i))
-
-        def moe_layers(self) -> list:
-            return [getattr(self, f"layer{i}") for i in range(self.num_layers)]
-
-        def forward(self, x):
-            for layer in self.moe_layers():
-                x = x + layer(x)
-            return x
-
-    return DemoModel
-
-
-def build_model(cfg):
-    return layer_class(_define_model)(cfg)
 
 
 class MomentumSGD:

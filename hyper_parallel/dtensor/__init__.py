@@ -8,9 +8,10 @@ from hyper_parallel.dtensor.module import (
     distribute_parameter,
     full_parameter,
     get_parameter_spec,
+    named_parameter_specs,
 )
 from hyper_parallel.dtensor.placement import Partial, Placement, Replicate, Shard
 
 __all__ = ["DTensor", "DeviceMesh", "ParameterSpec", "Partial", "Placement", "Replicate", "Shard",
            "distribute_module", "distribute_parameter", "distribute_tensor", "full_parameter", "get_parameter_spec",
-           "init_device_mesh"]
+           "init_device_mesh", "named_parameter_specs"]

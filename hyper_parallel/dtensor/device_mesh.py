@@ -1,8 +1,9 @@
 """DeviceMesh: an n-D grid of ranks with named axes, and the process group of each axis.
 
-Groups are created once per (ranks of the line, ) and cached for the process: every rank creates every group of an
-axis in the same order (the contract's ``new_group`` rule), then keeps the one it belongs to. Slicing a mesh
-(``mesh["ep"]``, ``mesh["ep", "tp"]``) reuses the parent's groups.
+Every rank creates every group of an axis in the same order (the contract's ``new_group`` rule), then keeps the one
+it belongs to; the platform creates each group once per process, so slicing a mesh (``mesh["ep"]``,
+``mesh["ep", "tp"]``) or building it again reuses the groups. A mesh pickles as its layout and, when loaded, finds
+the same groups in the loading process.
 
 >>> mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))   # doctest: +SKIP
 >>> mesh["tp"].size(), mesh.get_local_rank("ep"), mesh.get_coordinate()  # doctest: +SKIP
@@ -20,14 +21,6 @@ from hyper_parallel.platform import Group
 
 __all__ = ["DeviceMesh", "init_device_mesh"]
 
-_GROUPS: dict[tuple[int, ...], Group] = {}
-
-
-def _group_of(ranks: tuple[int, ...]) -> Group:
-    """The cached group for ``ranks`` (created collectively the first time; every rank must ask in order)."""
-    if ranks not in _GROUPS:
-        _GROUPS[ranks] = get_platform().new_group(ranks)
-    return _GROUPS[ranks]
 
 
 class DeviceMesh:
@@ -42,7 +35,7 @@ class DeviceMesh:
     """
 
     def __init__(self, device_type: str, mesh, mesh_dim_names: Sequence[str] | None = None, *,
-                 _shape: Sequence[int] | None = None, _root: "DeviceMesh | None" = None):
+                 _shape: Sequence[int] | None = None, _existing_groups: bool = False):
         self.device_type = device_type
         if _shape is None:
             ranks, shape = _flatten(mesh)
@@ -60,7 +53,8 @@ class DeviceMesh:
         world = platform.get_world_size()
         if sorted(ranks) != sorted(set(ranks)) or any(not 0 <= r < world for r in ranks):
             raise ValueError(f"mesh ranks must be distinct ranks of the world [0, {world}), got {list(ranks)}")
-        self._groups: list[Group | None] = [self._create_axis_groups(axis) for axis in range(len(shape))]
+        self._groups: list[Group | None] = [self._create_axis_groups(axis, _existing_groups)
+                                            for axis in range(len(shape))]
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -136,6 +130,11 @@ class DeviceMesh:
     def __hash__(self) -> int:
         return hash((self._ranks, self._shape))
 
+    def __reduce__(self):
+        # A mesh pickles as its layout; loading rebuilds it on this process's existing groups (no collective, so a
+        # single rank may load), and fails clearly when they do not exist.
+        return _restore_mesh, (self.device_type, self._ranks, self._shape, self.mesh_dim_names)
+
     # ---------------------------------------------------------------- internals
     def _axis_names(self) -> list[str]:
         return list(self.mesh_dim_names) if self.mesh_dim_names else [str(i) for i in range(self.ndim)]
@@ -153,8 +152,10 @@ class DeviceMesh:
                              f"axes: {self._axis_names()}")
         return axis % self.ndim
 
-    def _create_axis_groups(self, axis: int) -> Group | None:
-        """Create every line of ``axis`` (all ranks, same order) and return the one holding this rank."""
+    def _create_axis_groups(self, axis: int, existing: bool = False) -> Group | None:
+        """Create every line of ``axis`` (all ranks, same order) and return the one holding this rank; with
+        ``existing``, only look this rank's line up among the groups this process has."""
+        platform = get_platform()
         mine = None
         others = [range(s) for i, s in enumerate(self._shape) if i != axis]
         for rest in itertools.product(*others):
@@ -163,10 +164,18 @@ class DeviceMesh:
                 coord = list(rest)
                 coord.insert(axis, i)
                 line.append(self._ranks[_ravel(coord, self._shape)])
-            group = _group_of(tuple(line))
+            if existing:
+                if self._my_rank in line:
+                    mine = platform._existing_group(tuple(line))
+                continue
+            group = platform.new_group(line)
             if self._my_rank in line:
                 mine = group
         return mine
+
+
+def _restore_mesh(device_type: str, ranks, shape, mesh_dim_names) -> "DeviceMesh":
+    return DeviceMesh(device_type, ranks, mesh_dim_names, _shape=shape, _existing_groups=True)
 
 
 def init_device_mesh(device_type: str, mesh_shape: Sequence[int], *,

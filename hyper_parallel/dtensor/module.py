@@ -1,13 +1,17 @@
 """Sharded module parameters and ``distribute_module``.
 
 A sharded parameter stays a native Parameter holding this rank's LOCAL shard, so optimizers, autograd and
-``state_dict`` keep working unchanged. Its layout (mesh, placements, global shape) is recorded on the parameter
-object and can be recovered with :func:`get_parameter_spec`; :func:`full_parameter` rebuilds the full tensor.
+``state_dict`` keep working unchanged. Its layout (mesh, placements, global shape) is recorded on the module that
+owns it (the source of truth: it travels with the module through ``copy.deepcopy``, pickle and ``torch.save``,
+which drop a parameter's own attributes on both frameworks) and cached on the parameter object.
+:func:`named_parameter_specs` reads a model's layouts (and restores the caches after a copy);
+:func:`get_parameter_spec` reads one parameter's cache; :func:`full_parameter` rebuilds the full tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 from hyper_parallel._select import get_platform
@@ -15,9 +19,11 @@ from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.dtensor import DTensor, distribute_tensor
 from hyper_parallel.dtensor.placement import Placement, Replicate
 
-__all__ = ["ParameterSpec", "distribute_parameter", "get_parameter_spec", "full_parameter", "distribute_module"]
+__all__ = ["ParameterSpec", "distribute_parameter", "get_parameter_spec", "full_parameter", "distribute_module",
+           "named_parameter_specs"]
 
 _SPEC_ATTR = "_hyper_parallel_spec"
+_MODULE_SPECS_ATTR = "_hyper_parallel_parameter_specs"
 _DISTRIBUTED_ATTR = "_hyper_parallel_distributed"
 
 
@@ -47,13 +53,43 @@ def distribute_parameter(module, name: str, device_mesh: DeviceMesh, placements:
         raise ValueError(f"{type(module).__name__} has no parameter {name!r}; its parameters: {names}")
     dt = distribute_tensor(full, device_mesh, placements, src_data_rank=src_data_rank)
     param = p.replace_parameter(module, name, dt.to_local())
-    setattr(param, _SPEC_ATTR, ParameterSpec(device_mesh=device_mesh, placements=dt.placements, shape=dt.shape))
+    spec = ParameterSpec(device_mesh=device_mesh, placements=dt.placements, shape=dt.shape)
+    specs = dict(getattr(module, _MODULE_SPECS_ATTR, None) or {})
+    specs[name] = spec
+    object.__setattr__(module, _MODULE_SPECS_ATTR, specs)  # a plain attribute on every framework's module
+    setattr(param, _SPEC_ATTR, spec)
     return param
 
 
 def get_parameter_spec(param) -> ParameterSpec | None:
-    """The recorded layout of a parameter made by :func:`distribute_parameter`, else ``None``."""
+    """The layout of a parameter made by :func:`distribute_parameter`, else ``None``.
+
+    This reads the parameter's cache. A copy of a model (``copy.deepcopy``, pickle) carries the layouts in its
+    modules but not on the parameters: call :func:`named_parameter_specs` on the copy once to restore them.
+    """
     return getattr(param, _SPEC_ATTR, None)
+
+
+def module_parameter_spec(module, name: str) -> ParameterSpec | None:
+    """The layout ``module`` records for its own parameter ``name`` (the source of truth), else ``None``."""
+    return (getattr(module, _MODULE_SPECS_ATTR, None) or {}).get(name)
+
+
+def named_parameter_specs(module) -> list[tuple[str, object, ParameterSpec | None]]:
+    """``[(qualified_name, parameter, spec or None), ...]`` for every parameter of ``module``, from the layouts
+    its modules record; restores each parameter's cache for :func:`get_parameter_spec` (needed after a copy)."""
+    p = get_platform()
+    out = []
+    for prefix, sub in p.named_modules(module):
+        specs = getattr(sub, _MODULE_SPECS_ATTR, None) or {}
+        for name, param in p.named_parameters(sub):
+            if "." in name:
+                continue  # a submodule's own: listed under that submodule
+            spec = specs.get(name)
+            if spec is not None and get_parameter_spec(param) is not spec:
+                setattr(param, _SPEC_ATTR, spec)
+            out.append((f"{prefix}.{name}" if prefix else name, param, spec))
+    return out
 
 
 def full_parameter(param):
@@ -91,10 +127,11 @@ def distribute_module(module, device_mesh: DeviceMesh, partition_fn: Callable | 
             partition_fn(name, sub, device_mesh)
         else:
             _replicate_parameters(sub, device_mesh)
+    # Hooks are partials of module-level functions, not closures, so a distributed module still pickles.
     if input_fn is not None:
-        p.register_forward_pre_hook(module, lambda mod, args: _as_tuple(input_fn(mod, args, device_mesh)))
+        p.register_forward_pre_hook(module, functools.partial(_input_hook, input_fn, device_mesh))
     if output_fn is not None:
-        p.register_forward_hook(module, lambda mod, args, out: output_fn(mod, out, device_mesh))
+        p.register_forward_hook(module, functools.partial(_output_hook, output_fn, device_mesh))
     object.__setattr__(module, _DISTRIBUTED_ATTR, True)
     return module
 
@@ -106,5 +143,10 @@ def _replicate_parameters(module, device_mesh: DeviceMesh) -> None:
             distribute_parameter(module, name, device_mesh, [Replicate()] * device_mesh.ndim)
 
 
-def _as_tuple(inputs):
+def _input_hook(input_fn: Callable, device_mesh: DeviceMesh, module, args):
+    inputs = input_fn(module, args, device_mesh)
     return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _output_hook(output_fn: Callable, device_mesh: DeviceMesh, module, args, output):
+    return output_fn(module, output, device_mesh)

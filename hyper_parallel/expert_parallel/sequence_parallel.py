@@ -20,6 +20,10 @@ __all__ = ["ReordererSequenceParallel"]
 _SP_ATTR = "_hyper_parallel_sequence_parallel"
 
 
+def _no_parameters(name, module, device_mesh) -> None:
+    """The reorderer has no parameters to distribute."""
+
+
 class ReordererSequenceParallel(ParallelStyle):
     """Apply to a :class:`~hyper_parallel.moe.router.TokenReorderer` with a 1-D mesh (the ``tp`` axis)."""
 
@@ -29,7 +33,7 @@ class ReordererSequenceParallel(ParallelStyle):
                             f"{type(module).__name__}")
         if device_mesh.ndim != 1:
             raise ValueError(f"ReordererSequenceParallel needs a 1-D mesh (slice it: mesh['tp']), got {device_mesh}")
-        distribute_module(module, device_mesh, lambda *_: None, self._split_tokens)
+        distribute_module(module, device_mesh, _no_parameters, self._split_tokens)
         object.__setattr__(module, _SP_ATTR, device_mesh)
         return module
 

@@ -16,6 +16,7 @@ also callable directly, with an async dispatch, for a MoE layer that overlaps wo
 from __future__ import annotations
 
 import abc
+import functools
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
@@ -43,7 +44,7 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
         self._check(module, device_mesh)
         p = get_platform()
         distribute_module(module, device_mesh, self._partition_fn, self._dispatch_hook)
-        p.register_forward_hook(module, lambda mod, args, out: self.combine(out, args[2], device_mesh))
+        p.register_forward_hook(module, functools.partial(_combine_hook, self, device_mesh))  # a partial pickles
         object.__setattr__(module, _STYLE_ATTR, (self, device_mesh))
         return module
 
@@ -69,6 +70,10 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
     @abc.abstractmethod
     def combine(self, routed_output, meta, device_mesh: DeviceMesh):
         """Bring the experts' output rows back, in the caller's row order."""
+
+
+def _combine_hook(style: BaseExpertParallel, device_mesh: DeviceMesh, module, args, output):
+    return style.combine(output, args[2], device_mesh)
 
 
 def _check_experts(module, style: str) -> None:

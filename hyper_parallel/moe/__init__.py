@@ -1,20 +1,24 @@
-"""MoE building blocks, each defined once and built for the active framework on first use.
+"""MoE building blocks, written once and declared for each framework.
 
-``GroupedExperts``, ``TokenChoiceTopKRouter``, ``TokenReorderer`` and ``MoE`` are ``torch.nn.Module`` subclasses on
-torch and ``mindspore.nn.Cell`` subclasses on MindSpore. The losses are plain functions.
+``GroupedExperts``, ``TokenChoiceTopKRouter``, ``TokenReorderer`` and ``MoE`` are the active platform's classes:
+``torch.nn.Module`` subclasses from :mod:`hyper_parallel.moe.torch` on torch, ``mindspore.nn.Cell`` subclasses
+from :mod:`hyper_parallel.moe.mindspore` on MindSpore (resolved on first access; importing this package imports no
+framework). Their logic lives once in the mixins (:class:`~hyper_parallel.moe.moe.MoEMixin` ...). The losses are
+plain functions.
 """
 
 from hyper_parallel.moe.losses import LoadBalancingLossTracker, load_balancing_loss, update_expert_bias
+from hyper_parallel.moe.moe import RoutingStats
 
-__all__ = ["GroupedExperts", "LoadBalancingLossTracker", "MoE", "TokenChoiceTopKRouter", "TokenReorderer",
-           "load_balancing_loss", "update_expert_bias"]
+__all__ = ["GroupedExperts", "LoadBalancingLossTracker", "MoE", "RoutingStats", "TokenChoiceTopKRouter",
+           "TokenReorderer", "load_balancing_loss", "update_expert_bias"]
 
-_LAYERS = {"GroupedExperts": "experts", "TokenChoiceTopKRouter": "router", "TokenReorderer": "router", "MoE": "moe"}
+_LAYERS = ("GroupedExperts", "MoE", "TokenChoiceTopKRouter", "TokenReorderer")
 
 
 def __getattr__(name: str):
     if name in _LAYERS:
-        import importlib
+        from hyper_parallel.moe._layers import framework_layers
 
-        return getattr(importlib.import_module(f"hyper_parallel.moe.{_LAYERS[name]}"), name)
-    raise AttributeError(name)
+        return getattr(framework_layers(), name)
+    raise AttributeError(f"module 'hyper_parallel.moe' has no attribute {name!r}")

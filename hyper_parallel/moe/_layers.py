@@ -1,28 +1,40 @@
-"""One definition of a layer for every framework.
+"""Which framework's layer classes the active platform uses, and the seeded initialisation they share.
 
-A MoE layer class is written once, as a function of the framework's module base class (``torch.nn.Module`` or
-MindSpore ``nn.Cell``); :func:`layer_class` builds it for the active platform on first use and caches it. Inside,
-``forward`` is the computation and ``construct`` (MindSpore's name for it) is the same function.
+Every layer is written once, as a framework-neutral mixin (``MoEMixin``, ``GroupedExpertsMixin`` ...); the classes
+users instantiate are declared in one small module per framework, :mod:`hyper_parallel.moe.torch` and
+:mod:`hyper_parallel.moe.mindspore`: each is the mixin plus the framework's module base, a real module-level class
+(it pickles, and tracebacks and ``repr`` show its name). ``hyper_parallel.moe.MoE`` resolves to the class of the
+active platform's framework.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from types import ModuleType
 
 from hyper_parallel._select import get_platform
 
-_BUILT: dict[tuple[str, str], type] = {}
+#: The framework whose module base a platform's ``Module`` is (or derives from) -> its layer module.
+LAYER_MODULES = {
+    "torch.nn.modules.module.Module": "hyper_parallel.moe.torch",
+    "mindspore.nn.cell.Cell": "hyper_parallel.moe.mindspore",
+}
 
 
-def layer_class(define: Callable[[type], type]) -> type:
-    """The class ``define(Module)`` for the active platform's ``Module``, built once per (platform, definition)."""
-    p = get_platform()
-    key = (p.name, f"{define.__module__}.{define.__qualname__}")
-    if key not in _BUILT:
-        cls = define(p.Module)
-        cls.construct = cls.forward
-        _BUILT[key] = cls
-    return _BUILT[key]
+def framework_layers() -> ModuleType:
+    """The layer module for the active platform's ``Module`` (imports that framework).
+
+    Raises:
+        TypeError: the platform's ``Module`` derives from none of the supported framework bases.
+    """
+    module_base = get_platform().Module
+    for cls in module_base.__mro__:
+        path = LAYER_MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if path is not None:
+            return importlib.import_module(path)
+    raise TypeError(f"hyper_parallel.moe has layer classes for {sorted(LAYER_MODULES)}; the active platform's Module "
+                    f"is {module_base.__module__}.{module_base.__qualname__}, which derives from none of them. "
+                    "Declare the classes for it as hyper_parallel/moe/torch.py does (the mixin plus your base).")
 
 
 def init_normal(shape, std: float, seed: int | None, offset: int = 0):

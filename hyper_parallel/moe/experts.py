@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from hyper_parallel._select import get_platform
-from hyper_parallel.moe._layers import init_normal, layer_class
+from hyper_parallel.moe._layers import init_normal
 
-__all__ = ["GroupedExperts", "swiglu_experts"]
+__all__ = ["GroupedExpertsMixin", "swiglu_experts"]
 
 
 def swiglu_experts(x_ND, num_tokens_per_expert: Sequence[int], w1_EHD, w2_EDH, w3_EHD):
@@ -27,45 +27,42 @@ def swiglu_experts(x_ND, num_tokens_per_expert: Sequence[int], w1_EHD, w2_EDH, w
     return p.kernels.grouped_mm(h_NH * h_NH.sigmoid() * g_NH, w2_EDH.mT, num_tokens_per_expert)
 
 
-def _define(Module):
-    class GroupedExperts(Module):
-        """``num_experts`` SwiGLU experts (see the module docstring).
+class GroupedExpertsMixin:
+    """``num_experts`` SwiGLU experts (see the module docstring), written once for every framework.
 
-        Args:
-            dim: model dimension.
-            hidden_dim: each expert's hidden dimension.
-            num_experts: number of experts.
-            init_std: standard deviation of the normal initialisation.
-            seed: makes the initial weights identical across ranks and frameworks.
+    The classes users instantiate are ``hyper_parallel.moe.GroupedExperts`` (``torch.nn.Module`` on torch,
+    ``mindspore.nn.Cell`` on MindSpore), each this mixin plus the framework's module base.
+
+    Args:
+        dim: model dimension.
+        hidden_dim: each expert's hidden dimension.
+        num_experts: number of experts.
+        init_std: standard deviation of the normal initialisation.
+        seed: makes the initial weights identical across ranks and frameworks.
+
+    Raises:
+        ValueError: a size is not a positive int.
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, init_std: float = 0.02,
+                 seed: int | None = 0):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GroupedExperts: {name} must be a positive int, got {value!r}")
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        p = get_platform()
+        self.w1 = p.Parameter(init_normal((num_experts, hidden_dim, dim), init_std, seed, 1))
+        self.w2 = p.Parameter(init_normal((num_experts, dim, hidden_dim), init_std, seed, 2))
+        self.w3 = p.Parameter(init_normal((num_experts, hidden_dim, dim), init_std, seed, 3))
+
+    def forward(self, routed_input, num_tokens_per_expert, dispatch=None):
+        """``routed_input [N, dim]`` grouped by expert, ``num_tokens_per_expert`` (a tensor or host ints).
+
+        ``dispatch`` is the metadata an expert-parallel style's dispatch attaches for its combine; the experts
+        ignore it.
         """
-
-        def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, init_std: float = 0.02,
-                     seed: int | None = 0):
-            super().__init__()
-            for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"GroupedExperts: {name} must be a positive int, got {value!r}")
-            self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
-            p = get_platform()
-            self.w1 = p.Parameter(init_normal((num_experts, hidden_dim, dim), init_std, seed, 1))
-            self.w2 = p.Parameter(init_normal((num_experts, dim, hidden_dim), init_std, seed, 2))
-            self.w3 = p.Parameter(init_normal((num_experts, hidden_dim, dim), init_std, seed, 3))
-
-        def forward(self, routed_input, num_tokens_per_expert, dispatch=None):
-            """``routed_input [N, dim]`` grouped by expert, ``num_tokens_per_expert`` (a tensor or host ints).
-
-            ``dispatch`` is the metadata an expert-parallel style's dispatch attaches for its combine; the experts
-            ignore it.
-            """
-            counts = num_tokens_per_expert
-            if not isinstance(counts, (list, tuple)):
-                counts = get_platform().tolist(counts)
-            return swiglu_experts(routed_input, counts, self.w1, self.w2, self.w3)
-
-    return GroupedExperts
-
-
-def __getattr__(name: str):
-    if name == "GroupedExperts":
-        return layer_class(_define)
-    raise AttributeError(name)
+        counts = num_tokens_per_expert
+        if not isinstance(counts, (list, tuple)):
+            counts = get_platform().tolist(counts)
+        return swiglu_experts(routed_input, counts, self.w1, self.w2, self.w3)

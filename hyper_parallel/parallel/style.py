@@ -11,12 +11,13 @@ backward (Colwise input: each rank's input gradient is partial, declared by ``to
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.dtensor import DTensor
-from hyper_parallel.dtensor.module import distribute_module, distribute_parameter, get_parameter_spec
+from hyper_parallel.dtensor.module import distribute_module, distribute_parameter, module_parameter_spec
 from hyper_parallel.dtensor.placement import Partial, Placement, Replicate, Shard
 
 __all__ = ["ParallelStyle", "ColwiseParallel", "RowwiseParallel", "PrepareModuleInput", "PrepareModuleOutput"]
@@ -80,7 +81,7 @@ class ColwiseParallel(ParallelStyle):
         return (x.to_local(grad_placements=[Partial()]), *inputs[1:])
 
     def _prepare_output(self, module, output, mesh):
-        shape = (*output.shape[:-1], get_parameter_spec(module.weight).shape[0])
+        shape = (*output.shape[:-1], module_parameter_spec(module, "weight").shape[0])
         out = DTensor.from_local(output, mesh, [Shard(-1)], shape=shape).redistribute(mesh, [self.output_layouts])
         return out.to_local() if self.use_local_output else out
 
@@ -115,7 +116,7 @@ class RowwiseParallel(ParallelStyle):
 
     def _prepare_input(self, module, inputs, mesh):
         x = inputs[0]
-        shape = None if isinstance(x, DTensor) else (*x.shape[:-1], get_parameter_spec(module.weight).shape[1])
+        shape = None if isinstance(x, DTensor) else (*x.shape[:-1], module_parameter_spec(module, "weight").shape[1])
         x = _to_dtensor(x, mesh, self.input_layouts, shape).redistribute(mesh, [Shard(-1)])
         return (x.to_local(), *inputs[1:])
 
@@ -142,7 +143,7 @@ class PrepareModuleInput(ParallelStyle):
 
     def apply(self, module, device_mesh: DeviceMesh):
         _check_mesh(device_mesh, "PrepareModuleInput")
-        get_platform().register_forward_pre_hook(module, lambda mod, args: self._prepare(args, device_mesh))
+        get_platform().register_forward_pre_hook(module, functools.partial(_prepare_hook, self, device_mesh))
         return module
 
     def _prepare(self, args, mesh):
@@ -166,7 +167,7 @@ class PrepareModuleOutput(ParallelStyle):
 
     def apply(self, module, device_mesh: DeviceMesh):
         _check_mesh(device_mesh, "PrepareModuleOutput")
-        get_platform().register_forward_hook(module, lambda mod, args, out: self._prepare(out, device_mesh))
+        get_platform().register_forward_hook(module, functools.partial(_prepare_hook, self, device_mesh))
         return module
 
     def _prepare(self, output, mesh):
@@ -180,3 +181,9 @@ def _pair(src, dst, what: str):
         raise ValueError(f"{what}_layouts and desired_{what}_layouts must have the same length, got "
                          f"{len(src)} and {len(dst)}")
     return src, dst
+
+
+def _prepare_hook(style, device_mesh: DeviceMesh, module, args, *output):
+    """The hook of PrepareModuleInput (``(module, args)``) and PrepareModuleOutput (``(module, args, output)``): a
+    module-level function bound with ``functools.partial``, so a prepared module pickles."""
+    return style._prepare(output[0] if output else args, device_mesh)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hyper_parallel import moe
+
 from hyper_parallel import (
     ExpertParallel,
     ExpertTensorParallel,
@@ -12,9 +14,8 @@ from hyper_parallel import (
     get_platform,
     init_device_mesh,
 )
-from hyper_parallel.moe.experts import GroupedExperts
+from hyper_parallel.testing.conformance.errors import raises as _raises
 from tests.cases.dtensor_cases import _host, _t, np_local
-from tests.cases.errors import _raises
 
 G, D, H = 8, 6, 8  # global experts, model dim, expert hidden dim
 
@@ -56,7 +57,7 @@ def _layout(style: str):
 
 
 def _experts():
-    return GroupedExperts(dim=D, hidden_dim=H, num_experts=G, init_std=0.5, seed=0)
+    return moe.GroupedExperts(dim=D, hidden_dim=H, num_experts=G, init_std=0.5, seed=0)
 
 
 def _loss_weights(data_id: int, rows: int):
@@ -117,17 +118,17 @@ def bad_configs():
     world = get_platform().get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     _raises(ValueError, r"expert parallel degree \(%d\) must divide num_experts \(6\)" % world,
-            ExpertParallel().apply, GroupedExperts(dim=4, hidden_dim=4, num_experts=6), mesh)
+            ExpertParallel().apply, moe.GroupedExperts(dim=4, hidden_dim=4, num_experts=6), mesh)
     _raises(ValueError, r"needs a 2-D mesh with axes \('ep', 'tp'\)", ExpertTensorParallel().apply, _experts(), mesh)
     grid = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     _raises(ValueError, r"needs a mesh with axes \('ep', 'tp'\); this mesh has axes \['dp', 'tp'\]",
             ExpertTensorParallel().apply, _experts(), grid)
     _raises(ValueError, r"tensor parallel degree \(%d\) must divide the experts' hidden_dim \(6\)" % world,
-            TensorParallel().apply, GroupedExperts(dim=4, hidden_dim=6, num_experts=4), mesh)
+            TensorParallel().apply, moe.GroupedExperts(dim=4, hidden_dim=6, num_experts=4), mesh)
     experts = _experts()
     ExpertParallel().apply(experts, mesh)
     _raises(ValueError, r"num_tokens_per_expert sums to 3 but routed_input has 2 rows", experts,
             _t(np.ones((2, D))), get_platform().tensor([3] + [0] * (G - 1), dtype="int64"))
-    _raises(ValueError, r"GroupedExperts: num_experts must be a positive int, got 0", GroupedExperts, dim=2,
+    _raises(ValueError, r"GroupedExperts: num_experts must be a positive int, got 0", moe.GroupedExperts, dim=2,
             hidden_dim=2, num_experts=0)
     return True

@@ -1,6 +1,6 @@
 """Router, reorderer and load-balancing checks against NumPy brute-force references (explicit loops, float64),
 run on every rank of a world (each rank draws its own data) and in-process on torch. Layer classes are looked up
-lazily (``rt.TokenReorderer``): building one needs the platform, chosen only when a case runs."""
+lazily (``moe.TokenReorderer``): building one needs the platform, chosen only when a case runs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 
 from hyper_parallel import get_platform
 from hyper_parallel.moe import losses as lb
-from hyper_parallel.moe import router as rt
-from tests.cases.errors import _raises
+from hyper_parallel import moe
+from hyper_parallel.testing.conformance.errors import raises as _raises
 
 TOL, GTOL = dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)  # float32 values; gradients
 
@@ -114,7 +114,7 @@ def router_cases(seed: int = 0, T: int = 9, D: int = 6, E: int = 8, coeff: float
     for n, (K, func, norm, scale, with_bias, G, Lg) in enumerate(ROUTER_SUBCASES):
         what = f"sub-case {n}: K={K} {func} norm={norm} scale={scale} bias={with_bias} groups={G}/{Lg}"
         tracker = lb.LoadBalancingLossTracker()
-        router = rt.TokenChoiceTopKRouter(dim=D, num_experts=E, top_k=K, score_func=func, route_norm=norm,
+        router = moe.TokenChoiceTopKRouter(dim=D, num_experts=E, top_k=K, score_func=func, route_norm=norm,
                                           route_scale=scale, num_expert_groups=G, num_limited_groups=Lg,
                                           init_std=0.7, seed=n + 100 * seed, loss_tracker=tracker)
         x, w = _t(rng.randn(T, D)), _t(rng.randn(T, K))
@@ -147,7 +147,7 @@ def router_cases(seed: int = 0, T: int = 9, D: int = 6, E: int = 8, coeff: float
     assert bias_moved >= 2 and groups_moved >= 2, f"weak draw: bias moved {bias_moved}, groups {groups_moved}"
 
     # a strong bias on experts 0 and 1: every token picks them, 6 experts get no token, the weights stay unbiased
-    router = rt.TokenChoiceTopKRouter(dim=D, num_experts=E, top_k=2, init_std=0.7, seed=seed)
+    router = moe.TokenChoiceTopKRouter(dim=D, num_experts=E, top_k=2, init_std=0.7, seed=seed)
     x = _t(rng.randn(T, D))
     top, sel, counts = router(x, _t([10.0, 9.0] + [0.0] * (E - 2)))
     np.testing.assert_array_equal(_host(sel), [[0, 1]] * T, err_msg="forced bias")
@@ -172,7 +172,7 @@ def reorderer_cases(seed: int = 0) -> int:
         scores, sel = _t(rng.rand(T, K)), _t(sel_np, "int64")
         for cf in REORDER_SUBCASES:
             what = f"T={T} K={K} E={E} capacity_factor={cf}"
-            re = rt.TokenReorderer(num_experts=E, top_k=K, capacity_factor=cf)
+            re = moe.TokenReorderer(num_experts=E, top_k=K, capacity_factor=cf)
             assert re.top_k == K and re.capacity(T) == (None if cf == 0 else ref_capacity(cf, T, K, E)), what
             out, pairs, counts = re(scores, sel)
             ref_out, _, ref_counts, kept = ref_reorder(_host(scores), sel_np, E, cf)
@@ -187,7 +187,7 @@ def reorderer_cases(seed: int = 0) -> int:
             np.testing.assert_allclose(_host(g).reshape(-1), ref_g, **TOL, err_msg="grad " + what)
             checked += 1
     # zero tokens: empty outputs and zero counts, without touching a zero-size sort or sum
-    out, tokens, counts = rt.TokenReorderer(num_experts=3, top_k=2, capacity_factor=1.0)(
+    out, tokens, counts = moe.TokenReorderer(num_experts=3, top_k=2, capacity_factor=1.0)(
         p.zeros((0, 2)), p.zeros((0, 2), dtype="int64"))
     assert tuple(out.shape) == (0,) == tuple(tokens.shape) and _host(counts).tolist() == [0, 0, 0], "zero tokens"
     return checked + 1
@@ -234,7 +234,7 @@ def loss_cases(seed: int = 0, T: int = 10, E: int = 6, K: int = 2, L: int = 3, c
 
 def _router(G=None, Lg=None, **kw):
     kw = {**dict(dim=4, num_experts=8, top_k=2, num_expert_groups=G, num_limited_groups=Lg), **kw}
-    return rt.TokenChoiceTopKRouter(**kw)
+    return moe.TokenChoiceTopKRouter(**kw)
 
 
 def _zeros(shape, dtype="float32"):
@@ -248,7 +248,7 @@ def _tracker(shape=(3, 4)):
 
 
 def _reorder(num_experts=4, top_k=2, capacity_factor=0.0, *inputs):
-    re = rt.TokenReorderer(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor)
+    re = moe.TokenReorderer(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor)
     return re(*inputs) if inputs else re
 
 
