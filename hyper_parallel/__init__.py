@@ -4,6 +4,7 @@ Importing this package imports no deep-learning framework; the backend is resolv
 :func:`get_platform` (see ``HYPER_PARALLEL_PLATFORM``).
 """
 
+from hyper_parallel import log as _log
 from hyper_parallel._select import ENV_VAR, available_backends, get_platform
 from hyper_parallel.dtensor import (
     DeviceMesh,
@@ -31,6 +32,13 @@ from hyper_parallel.parallel import (
     parallelize_module,
 )
 from hyper_parallel.platform import Group, Handle, Platform
+
+try:  # HYPER_PARALLEL_LOG_LEVEL turns the library's log on in every process that imports it
+    _log.configure_logging()
+except ValueError as _e:
+    import warnings
+
+    warnings.warn(f"{_e}; logging stays off", RuntimeWarning, stacklevel=2)
 
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (setuptools dynamic)
 

@@ -29,12 +29,15 @@ import abc
 import collections
 import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 from hyper_parallel import _validation as check
 from hyper_parallel._select import get_platform
 from hyper_parallel.kernels import Kernels
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["CallCounts", "Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
 
@@ -215,6 +218,8 @@ class Platform(abc.ABC):
             self._rank = env.rank
             self._world = Group(ranks=tuple(range(env.world_size)), native=native)
             self._groups_by_ranks = {self._world.ranks: self._world}
+            _log.info("joined the world as rank %d of %d: %s on %s, collectives via %s", env.rank, env.world_size,
+                      self.name, self.device_type, self.dist_backend)
         return self._world
 
     def _read_world_env(self) -> WorldEnv:
@@ -253,6 +258,7 @@ class Platform(abc.ABC):
         if ranks not in self._groups_by_ranks:
             native = self._new_group(ranks, member=self._rank in ranks)
             self._groups_by_ranks[ranks] = Group(ranks=ranks, native=native if self._rank in ranks else None)
+            _log.debug("created the group over ranks %s%s", list(ranks), "" if self._rank in ranks else " (not a member)")
         return self._groups_by_ranks[ranks]
 
     def group_rank(self, group: Group | None = None) -> int:

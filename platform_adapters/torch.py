@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import logging
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -51,6 +52,7 @@ try:
 except ImportError:  # Triton is not installed
     pass
 
+_log = logging.getLogger("hyper_parallel.platform_adapters.torch")  # under the library logger
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
@@ -95,9 +97,10 @@ class TorchKernels(Kernels):
             except Exception as e:  # noqa: BLE001 - auto falls back to the next implementation, once, loudly
                 if not auto or impl in ("eager", "neutral"):
                     raise
-                warnings.warn(f"permute_slots: the {impl} index build failed ({type(e).__name__}: {e}); "
-                              "falling back to the next implementation for the rest of this process",
-                              RuntimeWarning, stacklevel=2)
+                message = (f"permute_slots: the {impl} index build failed ({type(e).__name__}: {e}); falling back "
+                           "to the next implementation for the rest of this process")
+                _log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
                 self._broken_impls = self._broken_impls | {impl}
 
     def _permute_slots_with(self, impl: str, counts_RE, R: int, E: int, T: int, expert_offsets_E):

@@ -20,10 +20,14 @@ module between the two, so one style object can serve many layers and an activat
 from __future__ import annotations
 
 import dataclasses
+import logging
+
 from hyper_parallel._select import get_platform
-from hyper_parallel.functional import all_to_all_single_autograd
 from hyper_parallel.expert_parallel.permute import PermuteIndices, build_permute_indices, permute, unpermute
+from hyper_parallel.functional import all_to_all_single_autograd
 from hyper_parallel.platform import Group
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["DispatchMeta", "Dispatched", "PendingDispatch", "token_dispatch", "token_combine"]
 
@@ -62,12 +66,15 @@ class PendingDispatch:
         self._counts, self._host_counts, self._meta_args, self._align = counts_RE, host_counts_RE, meta_args, align
 
     def wait(self) -> Dispatched:
-        self._handle.wait()
+        p = get_platform()
+        with p.profile_range("hyper_parallel.dispatch.wait"):
+            self._handle.wait()
         group = self._meta_args["group"]
-        indices = build_permute_indices(self._counts, self._host_counts, group.size,
-                                        len(self._host_counts) // group.size, align=self._align)
-        return Dispatched(routed_input=permute(self._received, indices),
-                          num_tokens_per_expert=indices.num_tokens_per_expert,
+        with p.profile_range("hyper_parallel.permute"):
+            indices = build_permute_indices(self._counts, self._host_counts, group.size,
+                                            len(self._host_counts) // group.size, align=self._align)
+            routed = permute(self._received, indices)
+        return Dispatched(routed_input=routed, num_tokens_per_expert=indices.num_tokens_per_expert,
                           meta=DispatchMeta(indices=indices, **self._meta_args))
 
 
@@ -92,7 +99,14 @@ def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, al
     R, G = group.size, int(num_tokens_per_expert_G.shape[0])
     if G % R:
         raise ValueError(f"expert parallel degree ({R}) must divide the number of experts ({G})")
-    E = G // R
+    with p.profile_range("hyper_parallel.dispatch"):
+        pending = _exchange(p, routed_input_ND, num_tokens_per_expert_G, group, R, G // R, align)
+    return pending if async_op else pending.wait()
+
+
+def _exchange(p, routed_input_ND, num_tokens_per_expert_G, group: Group, R: int, E: int, align: int):
+    """Counts exchange, host sync, and the token all-to-all left in flight."""
+    G = R * E
     counts_RE, _ = p.all_to_all_single(num_tokens_per_expert_G, output_split_sizes=[E] * R,
                                        input_split_sizes=[E] * R, group=group)
     # The one device-to-host sync of a dispatch: both count vectors at once.
@@ -106,13 +120,18 @@ def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, al
     meta_args = dict(group=group, input_splits=input_splits, output_splits=output_splits)
     received, handle = all_to_all_single_autograd(routed_input_ND, output_split_sizes=output_splits,
                                                   input_split_sizes=input_splits, group=group, async_op=True)
-    pending = PendingDispatch(received, handle, counts_RE, host_counts_RE, meta_args, align)
-    return pending if async_op else pending.wait()
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("dispatch over ranks %s: sending %s rows, receiving %s, rows per (rank, local expert) %s",
+                   list(group.ranks), list(input_splits), list(output_splits), host_counts_RE)
+    return PendingDispatch(received, handle, counts_RE, host_counts_RE, meta_args, align)
 
 
 def token_combine(routed_output_PD, meta: DispatchMeta):
     """Undo :func:`token_dispatch`: rows back to their rank, in their original order (``[N, D]``)."""
-    back_TD = unpermute(routed_output_PD, meta.indices)
-    return all_to_all_single_autograd(back_TD, output_split_sizes=meta.input_splits,
-                                      input_split_sizes=meta.output_splits, group=meta.group)
+    p = get_platform()
+    with p.profile_range("hyper_parallel.unpermute"):
+        back_TD = unpermute(routed_output_PD, meta.indices)
+    with p.profile_range("hyper_parallel.combine"):
+        return all_to_all_single_autograd(back_TD, output_split_sizes=meta.input_splits,
+                                          input_split_sizes=meta.output_splits, group=meta.group)
 

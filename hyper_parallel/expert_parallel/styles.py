@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import logging
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
@@ -29,6 +30,7 @@ from hyper_parallel.parallel.style import ParallelStyle
 __all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "expert_style_of"]
 
 _STYLE_ATTR = "_hyper_parallel_expert_style"
+_log = logging.getLogger(__name__)
 
 
 def expert_style_of(module):
@@ -46,6 +48,7 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
         distribute_module(module, device_mesh, self._partition_fn, self._dispatch_hook)
         p.register_forward_hook(module, functools.partial(_combine_hook, self, device_mesh))  # a partial pickles
         object.__setattr__(module, _STYLE_ATTR, (self, device_mesh))
+        _log.info("%s applied to %s on %s", type(self).__name__, type(module).__name__, device_mesh)
         return module
 
     def _dispatch_hook(self, module, inputs, device_mesh):
