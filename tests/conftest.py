@@ -1,32 +1,42 @@
 """Shared worlds per backend, chosen by parametrization so every failure names its backend.
 
-``HYPER_PARALLEL_TEST_BACKENDS`` (comma-separated; default ``torch,mindspore``) picks the backends. A listed backend
-whose framework is missing FAILS the run instead of silently testing nothing. ``torch`` also brings
-``torch_npu_logic_on_gloo``: the NPU adapter's logic on CPU/gloo.
+``HYPER_PARALLEL_TEST_BACKENDS`` (comma-separated, case-insensitive; default ``torch,mindspore``) picks the backends:
+any name the backend selection accepts, i.e. the built-ins and the names registered under the entry-point group
+``hyper_parallel.platforms`` (a third-party adapter). An unknown name, or a built-in whose framework is missing, FAILS
+the run instead of silently testing nothing. ``torch`` also brings ``torch_npu_logic_on_gloo``: the NPU adapter's
+logic on CPU/gloo.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
+from hyper_parallel import _select
 from hyper_parallel.testing import World
 
-KNOWN = {"torch": "torch", "mindspore": "mindspore"}
 NPU_ON_GLOO = "torch_npu_logic_on_gloo"
 
 
 def selected_backends() -> list[str]:
+    """The backends named by ``HYPER_PARALLEL_TEST_BACKENDS``, plus ``torch_npu_logic_on_gloo`` after ``torch``.
+
+    Raises:
+        pytest.UsageError: empty list, unknown name (the valid ones are listed) or a framework not installed.
+    """
     raw = os.environ.get("HYPER_PARALLEL_TEST_BACKENDS", "torch,mindspore")
-    names = [b.strip().lower() for b in raw.split(",") if b.strip()]
-    bad = [b for b in names if b not in KNOWN]
+    names = list(dict.fromkeys(b.strip().lower() for b in raw.split(",") if b.strip()))
+    known = _select.available_backends()  # built-ins and entry-point names; nothing is imported
+    bad = [b for b in names if b not in known]
     if not names or bad:
-        raise pytest.UsageError(f"HYPER_PARALLEL_TEST_BACKENDS={raw!r}: unknown {bad}; valid: {sorted(KNOWN)}")
-    missing = [b for b in names if importlib.util.find_spec(KNOWN[b]) is None]
+        raise pytest.UsageError(f"HYPER_PARALLEL_TEST_BACKENDS={raw!r}: unknown {bad}; valid: {sorted(known)} (the "
+                                f"built-ins and the names registered under {_select.ENTRY_POINT_GROUP!r})")
+    missing = [b for b in names if not known[b]]
     if missing:
-        raise pytest.UsageError(f"HYPER_PARALLEL_TEST_BACKENDS lists {missing} but they are not installed")
+        fixes = "; ".join(f"{b}: {_select.BUILTIN[b].install}" for b in missing)
+        raise pytest.UsageError(f"HYPER_PARALLEL_TEST_BACKENDS lists {missing} but they are not installed; fix: "
+                                f"{fixes}")
     out = []
     for b in names:
         out.append(b)

@@ -1,88 +1,35 @@
-"""The conformance suite: every contract member, on every backend that can run here, at 2 and 4 ranks."""
+"""The conformance suite: every contract member, on every selected backend, at 2 and 4 ranks.
+
+The cases ship in :mod:`hyper_parallel.testing.conformance` so that a third-party adapter can run them without this
+repository (``python -m hyper_parallel.testing.conformance --backend NAME``); this module is the project's pytest
+entry for the same list, :func:`~hyper_parallel.testing.conformance.suite.conformance_cases`, run on the session's
+shared worlds (``tests/conftest.py``). Test ids read ``test_case[<backend>-x<ranks>-<case>]``.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.cases import collectives as c
-from tests.cases import errors as e
+from hyper_parallel.testing.conformance.suite import WORLD_SIZES, conformance_cases
 
-NPROCS = [2, 4]
-DTYPES = ["int64", "float32", "bfloat16"]
-
-
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_identity_and_world(worlds, backend, nproc):
-    results = worlds.run(backend, nproc, c.identity)
-    assert results == [(r, nproc, r, nproc, list(range(nproc))) for r in range(nproc)]
-
-
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_barrier_really_blocks(worlds, backend, nproc):
-    worlds.run(backend, nproc, c.barrier_blocks)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_all_reduce(worlds, backend, nproc, dtype):
-    worlds.run(backend, nproc, c.all_reduce, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_all_gather_into_tensor(worlds, backend, nproc, dtype):
-    worlds.run(backend, nproc, c.all_gather, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_reduce_scatter_tensor(worlds, backend, nproc, dtype):
-    worlds.run(backend, nproc, c.reduce_scatter, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_broadcast(worlds, backend, nproc, dtype):
-    worlds.run(backend, nproc, c.broadcast, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pattern", c.SPLIT_PATTERNS)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_all_to_all_single(worlds, backend, nproc, pattern, dtype):
-    received = worlds.run(backend, nproc, c.all_to_all, pattern, dtype)
-    assert sum(received) == c.split_matrix(pattern, nproc).sum()
-
-
-@pytest.mark.parametrize("pattern", ["uneven", "partly_zero"])
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_all_to_all_single_async(worlds, backend, nproc, pattern):
-    worlds.run(backend, nproc, c.all_to_all, pattern, "float32", async_op=True)
-
-
-def test_groups_of_a_2x2_mesh(worlds, backend):
-    worlds.run(backend, 4, c.mesh_groups_2x2)
-
-
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_differentiable_collective_gradients(worlds, backend, nproc):
-    worlds.run(backend, nproc, c.gradients)
+NPROCS = (2, 4)
+CASES = conformance_cases()
 
 
 @pytest.mark.parametrize(
-    "case", [c.factories, c.count_calls, c.value_and_grad_with_params, c.hooks, c.manual_seed],
-    ids=lambda f: f.__name__)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_local_members(worlds, backend, nproc, case):
-    worlds.run(backend, nproc, case)
+    "nproc,case", [pytest.param(n, case, id=f"x{n}-{case.name}") for n in NPROCS for case in CASES if case.runs_at(n)])
+def test_case(worlds, backend, nproc, case):
+    case.run(worlds.get(backend, nproc))
 
 
-@pytest.mark.parametrize("case", [e.bad_splits, e.bad_arguments], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("nproc", NPROCS)
-def test_bad_input_raises_and_world_survives(worlds, backend, nproc, case):
-    worlds.run(backend, nproc, case)
-    worlds.run(backend, nproc, c.all_reduce, "float32")  # nothing half-sent: the world still works
-
-
-def test_collective_on_a_group_without_the_caller(worlds, backend):
-    worlds.run(backend, 4, e.not_a_member)
+def test_the_suite_covers_every_collective_dtype_and_split_pattern():
+    """The list both entries run: what each member is checked with, and at which world sizes."""
+    names = [case.name for case in CASES]
+    assert len(names) == len(set(names)) == 38
+    for member in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+        assert [n for n in names if n.startswith(member + "/")] == [f"{member}/{d}" for d in ("int64", "float32",
+                                                                                              "bfloat16")]
+    assert sum(n.startswith("all_to_all_single/") for n in names) == 4 * 3
+    assert {n: c.world_sizes for n, c in zip(names, CASES) if c.world_sizes} == {
+        "mesh_groups_2x2": (4,), "not_a_member": (3, 4)}
+    assert [sum(c.runs_at(n) for c in CASES) for n in WORLD_SIZES] == [36, 37, 38]

@@ -69,13 +69,17 @@ class MoEMixin:
         top_k: experts per token K.
         num_shared_experts: shared experts run on every token (merged into one SwiGLU of
             ``num_shared_experts * hidden_dim``); 0 for none.
-        score_func, route_norm, route_scale, num_expert_groups, num_limited_groups: router options (see
-            :class:`~hyper_parallel.moe.router.TokenChoiceTopKRouterMixin`).
+        score_func: router option (see :class:`~hyper_parallel.moe.router.TokenChoiceTopKRouterMixin`).
+        route_norm: router option.
+        route_scale: router option.
+        num_expert_groups: router option (group-limited routing).
+        num_limited_groups: router option (group-limited routing).
         capacity_factor: 0 = dropless; otherwise overflow pairs are dropped (see the reorderer).
         use_expert_bias: keep the DeepSeek-V3 aux-loss-free bias (selection only); update it with
             :meth:`update_expert_bias`.
         aux_loss_tracker: a :class:`~hyper_parallel.moe.losses.LoadBalancingLossTracker` that receives every
             forward's router scores and loads, for a load-balancing loss batched across layers.
+        init_std: standard deviation of the normal initialisation of every weight.
         seed: initial weights are identical across ranks and frameworks for one seed.
     """
 

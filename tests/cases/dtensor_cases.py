@@ -20,7 +20,7 @@ from hyper_parallel import (
     parallelize_module,
 )
 from hyper_parallel.dtensor.placement import chunk_offsets, chunk_sizes
-from tests.cases.errors import _raises
+from hyper_parallel.testing.conformance.errors import raises as _raises
 
 PLACEMENTS = {"S0": Shard(0), "S1": Shard(1), "R": Replicate(), "P": Partial()}
 
