@@ -122,3 +122,64 @@ def _randn(p):
         f"manual_seed: the case draws with `randn` of the framework defining Tensor ({framework.__name__!r}), "
         f"looked up as {framework.__name__}.randn, .ops.randn and .random.randn; none exists"
     )
+
+
+def modules():
+    """``named_modules`` (root first, as ``""``), ``named_parameters`` (qualified names) and
+    ``replace_parameter`` (a new Parameter with the new values, ``requires_grad`` kept) on a two-level module."""
+    p = get_platform()
+
+    def init(self, child=None):
+        p.Module.__init__(self)
+        self.weight = p.Parameter(p.tensor([1.0, 2.0]))
+        if child is not None:
+            self.child = child
+
+    def call(self, x):
+        return x * self.weight
+
+    Leaf = type("Leaf", (p.Module,), {"__init__": init, "forward": call, "construct": call})
+    root = Leaf(Leaf())
+    names = [n for n, _ in p.named_modules(root)]
+    assert names == ["", "child"], names
+    assert [n for n, _ in p.named_parameters(root)] == ["weight", "child.weight"], p.named_parameters(root)
+    old = root.child.weight
+    new = p.replace_parameter(root.child, "weight", p.tensor([5.0, 6.0]))
+    assert isinstance(new, p.Parameter) and new is not old and root.child.weight is new
+    assert p.tolist(new) == [5.0, 6.0] and new.requires_grad == old.requires_grad
+    assert [p.tolist(q) for _, q in p.named_parameters(root)] == [[1.0, 2.0], [5.0, 6.0]]
+    return True
+
+
+def autograd_function():
+    """THE autograd primitive: the forward runs ``forward``, the gradient is ``backward(dy)`` (not the
+    forward's own derivative), and an identity forward still gets the custom backward."""
+    p = get_platform()
+    x = p.tensor([1.0, 2.0, 3.0])
+    op = p.autograd_function(lambda t: t * 2, lambda g: g * 10)
+    value, (g,), _ = p.value_and_grad(lambda t: (op(t) * p.tensor([1.0, 2.0, 3.0])).sum(), [x])
+    assert abs(float(p.tolist(value)) - 28.0) < 1e-5, p.tolist(value)
+    _close(p.tolist(g), [10.0, 20.0, 30.0], "float32", "custom backward")
+    ident = p.autograd_function(lambda t: t, lambda g: g * 3)
+    _, (g,), _ = p.value_and_grad(lambda t: ident(t).sum(), [x])
+    _close(p.tolist(g), [3.0, 3.0, 3.0], "float32", "identity forward, custom backward")
+    return True
+
+
+def kernels():
+    """``kernels.permute_slots`` on a worked example and ``kernels.grouped_mm`` against host products, whatever
+    kernel the adapter put there."""
+    import numpy as np
+
+    p = get_platform()
+    # 2 ranks x 2 local experts, rows from (rank, expert) = [1, 2 | 2, 1]: expert-major order is
+    # e0: r0 row 0, r1 rows 3-4; e1: r0 rows 1-2, r1 row 5
+    slots = p.kernels.permute_slots(p.tensor([1, 2, 2, 1], dtype="int64"), 2, 2, 6, p.tensor([0, 3], dtype="int64"))
+    assert p.tolist(slots) == [0, 3, 4, 1, 2, 5], p.tolist(slots)
+    counts = [2, 0, 3]
+    x = np.arange(10.0).reshape(5, 2) / 10
+    w = np.arange(18.0).reshape(3, 2, 3) / 10
+    want = np.concatenate([x[:2] @ w[0], x[2:] @ w[2]])
+    got = p.kernels.grouped_mm(p.tensor(x.tolist()), p.tensor(w.tolist()), counts)
+    _close(p.tolist(got), want, "float32", "grouped_mm")
+    return True
