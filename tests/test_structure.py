@@ -84,3 +84,12 @@ def test_neutral_core_imports_no_framework_at_module_level():
         if bad:
             leaks.append(f"{rel}: {sorted(bad)}")
     assert not leaks, leaks
+
+
+def test_the_contract_page_is_generated_from_the_code():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "ci" / "contract_doc.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
