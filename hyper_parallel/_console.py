@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 __all__ = ["Progress", "format_table"]
 

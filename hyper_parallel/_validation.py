@@ -7,7 +7,7 @@ same way on every rank.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 REDUCE_OPS = ("sum", "max", "avg")
 

@@ -23,7 +23,8 @@ received from each member, ``input_split_sizes`` rows sent to each.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hyper_parallel._select import get_platform
 
@@ -35,7 +36,7 @@ __all__ = ["all_gather_autograd", "all_reduce_autograd", "all_to_all_single_auto
 
 
 def all_to_all_single_autograd(x, *, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
-                               group: "Group | None" = None, async_op: bool = False):
+                               group: Group | None = None, async_op: bool = False):
     """All-to-all of rows with uneven splits whose gradient is the same exchange with the splits swapped.
 
     Args:
@@ -71,21 +72,21 @@ def all_to_all_single_autograd(x, *, output_split_sizes: Sequence[int], input_sp
     return (y, handles[0]) if async_op else y
 
 
-def all_gather_autograd(x, *, group: "Group | None" = None):
+def all_gather_autograd(x, *, group: Group | None = None):
     """All-gather along dim 0; the gradient is the reduce-scatter (sum) of the output gradient."""
     p = get_platform()
     return p.autograd_function(lambda t: p.all_gather_into_tensor(t, group=group),
                                lambda g: p.reduce_scatter_tensor(g, "sum", group=group))(x)
 
 
-def reduce_scatter_autograd(x, *, group: "Group | None" = None):
+def reduce_scatter_autograd(x, *, group: Group | None = None):
     """Reduce-scatter (sum) along dim 0; the gradient is the all-gather of the output gradient."""
     p = get_platform()
     return p.autograd_function(lambda t: p.reduce_scatter_tensor(t, "sum", group=group),
                                lambda g: p.all_gather_into_tensor(g, group=group))(x)
 
 
-def all_reduce_autograd(x, *, group: "Group | None" = None):
+def all_reduce_autograd(x, *, group: Group | None = None):
     """All-reduce (sum); the gradient is the all-reduce (sum) of the output gradient."""
     p = get_platform()
 
@@ -95,7 +96,7 @@ def all_reduce_autograd(x, *, group: "Group | None" = None):
     return p.autograd_function(reduce, reduce)(x)
 
 
-def identity_fwd_all_reduce_bwd(x, *, group: "Group | None" = None):
+def identity_fwd_all_reduce_bwd(x, *, group: Group | None = None):
     """Identity forward, all-reduce (sum) backward: turns a per-rank partial gradient into the full one.
 
     This is what ``DTensor.to_local(grad_placements=[Partial()])`` and a replicated input that feeds sharded

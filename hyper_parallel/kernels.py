@@ -11,7 +11,8 @@ an instance to its platform (``self.kernels = MyKernels(self)``); neutral code c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hyper_parallel.functional import zeros_connected
 
@@ -28,7 +29,7 @@ class Kernels:
         platform: the platform whose factories the references use.
     """
 
-    def __init__(self, platform: "Platform") -> None:
+    def __init__(self, platform: Platform) -> None:
         self.platform = platform
 
     def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):

@@ -31,7 +31,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from hyper_parallel import _validation as check
 from hyper_parallel._select import get_platform
@@ -86,7 +87,7 @@ class Group:
         return _group_by_ranks, (self.ranks,)
 
 
-def _group_by_ranks(ranks: tuple[int, ...]) -> "Group":
+def _group_by_ranks(ranks: tuple[int, ...]) -> Group:
     return get_platform()._existing_group(tuple(ranks))
 
 
@@ -122,7 +123,7 @@ class WorldEnv:
     """Port of the rendezvous store (``MASTER_PORT``)."""
 
     @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> "WorldEnv":
+    def from_environ(cls, environ: dict[str, str] | None = None) -> WorldEnv:
         """Read the world from ``environ`` (default ``os.environ``).
 
         Raises:
@@ -185,17 +186,17 @@ class Platform(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def Tensor(self) -> type:  # noqa: N802 - mirrors the framework's class name
+    def Tensor(self) -> type:
         """The framework's tensor class (for ``isinstance`` checks in neutral code)."""
 
     @property
     @abc.abstractmethod
-    def Parameter(self) -> type:  # noqa: N802
+    def Parameter(self) -> type:
         """The framework's trainable-parameter class."""
 
     @property
     @abc.abstractmethod
-    def Module(self) -> type:  # noqa: N802
+    def Module(self) -> type:
         """The framework's layer base class (``torch.nn.Module``, ``mindspore.nn.Cell``)."""
 
     @abc.abstractmethod
@@ -258,7 +259,8 @@ class Platform(abc.ABC):
         if ranks not in self._groups_by_ranks:
             native = self._new_group(ranks, member=self._rank in ranks)
             self._groups_by_ranks[ranks] = Group(ranks=ranks, native=native if self._rank in ranks else None)
-            _log.debug("created the group over ranks %s%s", list(ranks), "" if self._rank in ranks else " (not a member)")
+            _log.debug("created the group over ranks %s%s", list(ranks),
+                       "" if self._rank in ranks else " (not a member)")
         return self._groups_by_ranks[ranks]
 
     def group_rank(self, group: Group | None = None) -> int:
@@ -467,7 +469,7 @@ class Platform(abc.ABC):
 
     # ------------------------------------------------------------------ instrumentation
     @contextlib.contextmanager
-    def count_calls(self) -> Iterator["CallCounts"]:
+    def count_calls(self) -> Iterator[CallCounts]:
         """Count the collectives (by name), the bytes they moved, and the host syncs (``"host_sync"``) issued inside
         the block. Blocks nest; each sees every call made while it is open.
 

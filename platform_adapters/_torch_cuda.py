@@ -96,7 +96,7 @@ class GraphedSlots:  # pragma: no cover - needs a CUDA device; benchmarks/gpu_ep
         self.counts_ext = torch.zeros(num_ranks * num_local_experts + 1, dtype=torch.int64, device=device)
         self.counts_ext[-1] = capacity  # a valid input for warm-up and capture: every row in the extra block
         self.offsets_E = torch.zeros(num_local_experts, dtype=torch.int64, device=device)
-        build = lambda: permute_slots_padded(self.counts_ext, num_ranks, num_local_experts,  # noqa: E731
+        build = lambda: permute_slots_padded(self.counts_ext, num_ranks, num_local_experts,
                                              capacity, self.offsets_E)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -22,7 +22,8 @@ import datetime
 import hashlib
 import os
 import shutil
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def _cpu_only_host() -> bool:

@@ -24,7 +24,8 @@ import itertools
 import logging
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,7 +95,7 @@ class TorchKernels(Kernels):
             try:
                 return self._permute_slots_with(impl, counts_RE, num_ranks, num_local_experts, num_rows,
                                                 expert_offsets_E)
-            except Exception as e:  # noqa: BLE001 - auto falls back to the next implementation, once, loudly
+            except Exception as e:
                 if not auto or impl in ("eager", "neutral"):
                     raise
                 message = (f"permute_slots: the {impl} index build failed ({type(e).__name__}: {e}); falling back "

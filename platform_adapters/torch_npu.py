@@ -13,7 +13,8 @@ when this module is imported, so the selection and error paths can be exercised 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.cases import permute_cases as pc
-
 
 pytestmark = pytest.mark.usefixtures("torch_in_process")
 

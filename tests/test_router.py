@@ -3,12 +3,10 @@ NumPy brute-force references on every backend (a 2-rank world, each rank with it
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from tests.cases import router_cases as rc
-
 
 pytestmark = pytest.mark.usefixtures("torch_in_process")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel.bench.compare import run
 from hyper_parallel.bench.report import format_report

@@ -13,7 +13,8 @@ import os
 import platform as _pyplatform
 import statistics
 import time
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from hyper_parallel._console import Progress
 from hyper_parallel.bench.dispatch import dispatch_cell

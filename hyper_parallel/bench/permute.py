@@ -10,7 +10,7 @@ of whole-tensor ops. A cell runs on rank 0 while the other ranks of its world wa
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel.bench.sweep import ALIGN, SEED, counts_for, measure
 

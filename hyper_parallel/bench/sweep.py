@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["ALIGN", "HIDDEN", "LOCAL_EXPERTS", "BACKENDS", "SEED", "Sweep", "DEFAULT", "QUICK", "counts_for",
            "measure", "timed_once", "sync_last"]

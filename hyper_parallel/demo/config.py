@@ -99,7 +99,7 @@ class RunSpec:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "RunSpec":
+    def from_json(cls, text: str) -> RunSpec:
         d = json.loads(text)
         d["model"] = ModelConfig(**d["model"])
         return cls(**d)

@@ -22,7 +22,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel.demo import config as C
 
@@ -194,7 +194,7 @@ def print_summary(summary: dict, png: str, js: str, stream=None) -> None:
 
     stream = stream or sys.stdout
     cfg = summary["config"]
-    w = lambda s="": print(s, file=stream)  # noqa: E731
+    w = lambda s="": print(s, file=stream)
     w()
     w(f"hyper-parallel demo: {cfg['layers']} MoE layers x {cfg['experts']} experts (top-{cfg['top_k']}, "
       f"{cfg['shared_experts']} shared expert), {cfg['tokens']} tokens/step, {cfg['steps']} steps, seed "

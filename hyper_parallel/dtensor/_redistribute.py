@@ -21,7 +21,7 @@ Only dim 0 is ever exchanged; other dims are swapped to the front and back (``sw
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.placement import Placement, Replicate, chunk_offsets, chunk_sizes

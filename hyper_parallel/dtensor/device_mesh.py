@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.platform import Group
@@ -102,7 +102,7 @@ class DeviceMesh:
             raise ValueError(f"rank {self._my_rank} is not in this mesh (ranks {list(self._ranks)})")
         return group
 
-    def __getitem__(self, names) -> "DeviceMesh":
+    def __getitem__(self, names) -> DeviceMesh:
         """The sub-mesh through this rank over the named axes, in the order given."""
         names = (names,) if isinstance(names, str) else tuple(names)
         axes = [self._axis(n) for n in names]
@@ -174,7 +174,7 @@ class DeviceMesh:
         return mine
 
 
-def _restore_mesh(device_type: str, ranks, shape, mesh_dim_names) -> "DeviceMesh":
+def _restore_mesh(device_type: str, ranks, shape, mesh_dim_names) -> DeviceMesh:
     return DeviceMesh(device_type, ranks, mesh_dim_names, _shape=shape, _existing_groups=True)
 
 

@@ -11,7 +11,7 @@ framework-neutral): arithmetic happens on ``to_local()`` tensors, and layouts ch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor._redistribute import grad_placements_of, local_shape, redistribute, redistribute_local
@@ -59,7 +59,7 @@ class DTensor:
 
     @classmethod
     def from_local(cls, local, device_mesh: DeviceMesh, placements: Sequence[Placement], *,
-                   shape: Sequence[int] | None = None) -> "DTensor":
+                   shape: Sequence[int] | None = None) -> DTensor:
         """Wrap this rank's shard. No communication.
 
         Args:
@@ -94,7 +94,7 @@ class DTensor:
             lambda t: t, lambda g: redistribute_local(g, mesh, src, dst, shape))(self._local)
 
     def redistribute(self, device_mesh: DeviceMesh | None = None,
-                     placements: Sequence[Placement] | None = None) -> "DTensor":
+                     placements: Sequence[Placement] | None = None) -> DTensor:
         """The same global tensor under ``placements`` (see the transition table in ``_redistribute``)."""
         mesh = device_mesh or self.device_mesh
         if mesh != self.device_mesh:

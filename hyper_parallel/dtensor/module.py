@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh

@@ -1,6 +1,6 @@
 """Expert parallelism: token permutation, dispatch / combine, and the EP / TP / ETP styles."""
 
-from hyper_parallel.expert_parallel.dispatch import DispatchMeta, Dispatched, token_combine, token_dispatch
+from hyper_parallel.expert_parallel.dispatch import Dispatched, DispatchMeta, token_combine, token_dispatch
 from hyper_parallel.expert_parallel.permute import PermuteIndices, build_permute_indices, permute, unpermute
 from hyper_parallel.expert_parallel.styles import (
     BaseExpertParallel,

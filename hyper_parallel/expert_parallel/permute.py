@@ -24,7 +24,7 @@ appended zero row, so they contribute nothing and receive no gradient.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.functional import zeros_connected

@@ -1,11 +1,11 @@
-"""Expert-parallel styles for :class:`~hyper_parallel.moe.experts.GroupedExperts`, applied as
+"""Expert-parallel styles for :class:`~hyper_parallel.moe.experts.GroupedExpertsMixin` layers, applied as
 ``style.apply(experts, mesh)`` on every framework.
 
 | style | mesh | w1, w3 ``[E, H, D]`` | w2 ``[E, D, H]`` | dispatch / combine |
 |---|---|---|---|---|
 | ``ExpertParallel`` | 1-D (ep) | ``Shard(0)`` | ``Shard(0)`` | token all-to-all + permute / reverse |
-| ``TensorParallel`` | 1-D (tp) | ``Shard(1)`` | ``Shard(2)`` | input replicated, gradient all-reduced / output all-reduced |
-| ``ExpertTensorParallel`` | 2-D ("ep", "tp") | ``[Shard(0), Shard(1)]`` | ``[Shard(0), Shard(2)]`` | EP on ``mesh["ep"]``, TP on ``mesh["tp"]`` |
+| ``TensorParallel`` | 1-D (tp) | ``Shard(1)`` | ``Shard(2)`` | input replicated (grad all-reduced) / all-reduce |
+| ``ExpertTensorParallel`` | 2-D (ep, tp) | ``[S(0), S(1)]`` | ``[S(0), S(2)]`` | EP on ``ep``, TP on ``tp`` |
 
 A style keeps no per-call state: dispatch hands a frozen :class:`~hyper_parallel.expert_parallel.dispatch.
 DispatchMeta` to the experts' forward (their ``dispatch`` argument) and combine reads it back from there, so one
@@ -204,7 +204,7 @@ class ExpertTensorParallel(BaseExpertParallel):
         pending = token_dispatch(routed_input, num_tokens_per_expert, device_mesh["ep"].get_group(),
                                  align=self.align, async_op=True)
         tp = device_mesh["tp"]
-        finish = lambda d: Dispatched(routed_input=_replicated_input(d.routed_input, tp),  # noqa: E731
+        finish = lambda d: Dispatched(routed_input=_replicated_input(d.routed_input, tp),
                                       num_tokens_per_expert=d.num_tokens_per_expert, meta=d.meta)
         return _Then(pending, finish) if async_op else finish(pending.wait())
 

@@ -11,7 +11,7 @@ same on the local shards.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.moe._layers import init_normal

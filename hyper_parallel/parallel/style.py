@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh

@@ -21,7 +21,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hyper_parallel.launch import free_port, stop_process_tree, world_env
 
@@ -177,7 +178,7 @@ class World:
             out.append(f"--- rank {rank} output ---\n{log.read()[-4000:]}")
         return "\n".join(out)
 
-    def __enter__(self) -> "World":
+    def __enter__(self) -> World:
         self.start()
         return self
 

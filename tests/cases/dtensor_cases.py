@@ -235,7 +235,7 @@ def mlp_colwise_rowwise(hidden: int):
 def prepare_input_output_and_layouts():
     """PrepareModuleInput / PrepareModuleOutput and Colwise / Rowwise with non-default layouts (sequence
     parallel: the MLP input and output sharded on rows), against the single-device MLP."""
-    from hyper_parallel import PrepareModuleInput, PrepareModuleOutput, DeviceMesh
+    from hyper_parallel import DeviceMesh, PrepareModuleInput, PrepareModuleOutput
 
     p = _p()
     world, rank = p.get_world_size(), p.get_rank()

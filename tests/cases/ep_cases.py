@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from hyper_parallel import moe
-
 from hyper_parallel import (
     ExpertParallel,
     ExpertTensorParallel,
@@ -13,6 +11,7 @@ from hyper_parallel import (
     get_parameter_spec,
     get_platform,
     init_device_mesh,
+    moe,
 )
 from hyper_parallel.testing.conformance.errors import raises as _raises
 from tests.cases.dtensor_cases import _host, _t, np_local

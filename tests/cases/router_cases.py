@@ -4,14 +4,13 @@ lazily (``moe.TokenReorderer``): building one needs the platform, chosen only wh
 
 from __future__ import annotations
 
-from fractions import Fraction
 import math
+from fractions import Fraction
 
 import numpy as np
 
-from hyper_parallel import get_platform
+from hyper_parallel import get_platform, moe
 from hyper_parallel.moe import losses as lb
-from hyper_parallel import moe
 from hyper_parallel.testing.conformance.errors import raises as _raises
 
 TOL, GTOL = dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)  # float32 values; gradients

@@ -13,7 +13,7 @@ def _checks():
     a = np.arange(12, dtype=np.float32).reshape(3, 4) / 7 - 0.5
     i64 = np.array([2, 0, 1, 3], dtype=np.int64)
     x, n = p.tensor(a.tolist()), p.tensor(i64.tolist(), dtype="int64")
-    host = lambda t: np.asarray(p.tolist(t))  # noqa: E731
+    host = lambda t: np.asarray(p.tolist(t))
 
     def setitem():
         y = p.zeros((4,))

@@ -218,7 +218,7 @@ def gradients():
     check(F.all_gather_autograd, 2 * world, np.repeat(g_ag[:, None], 2, 1), "all_gather grad")
     # reduce_scatter of 2*world rows: my row k lands on rank k // 2 as its row k % 2
     xr = _rows(np.arange(2.0 * world), "float32", cols=2)
-    w_rs = lambda r: np.arange(2) + 10.0 * r  # noqa: E731
+    w_rs = lambda r: np.arange(2) + 10.0 * r
     _, (g,), _ = p.value_and_grad(lambda t: (F.reduce_scatter_autograd(t) * _rows(w_rs(rank), "float32", 2))
                                   .sum(), [xr])
     want = np.array([w_rs(k // 2)[k % 2] for k in range(2 * world)])

@@ -17,7 +17,8 @@ import dataclasses
 import sys
 import time
 import traceback
-from typing import Iterable, TextIO
+from collections.abc import Iterable
+from typing import TextIO
 
 from hyper_parallel import _select
 from hyper_parallel.testing.world import RankError, World, WorldTimeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from hyper_parallel.testing.conformance import collectives as c
 from hyper_parallel.testing.conformance import errors as e
