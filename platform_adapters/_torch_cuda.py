@@ -1,7 +1,7 @@
 """CUDA fast paths of the torch adapter, kept apart from the adapter itself: the dispatch index build (a Triton
 kernel, a captured CUDA graph, eager ops without hidden syncs), the ``torch._grouped_mm`` eligibility checks, and
 pinned host-to-device copies. :mod:`platform_adapters.torch` decides when each runs; every one has the neutral code
-in :mod:`hyper_parallel._differentiable` as its reference (``tests/test_torch_cuda_paths.py``,
+in :mod:`hyper_parallel.kernels` as its reference (``tests/test_torch_cuda_paths.py``,
 ``benchmarks/gpu_ep.py``).
 """
 
