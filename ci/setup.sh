@@ -2,8 +2,9 @@
 #
 #   source ci/setup.sh     # sets ROOT, VENV (default $ROOT/.venv) and PY; creates and fills the venv
 #
-# It creates the virtual environment when missing and installs both frameworks, the package with its test tools
-# and matplotlib (the demo's plot). pip leaves what is already installed alone, so a second run takes seconds.
+# It creates the virtual environment when missing and installs both frameworks, the package (editable) with its
+# `test` and `demo` extras (the test tools; matplotlib for the demo's plot). pip leaves what is already installed
+# alone, so a second run takes seconds. `print_activate_hint` prints how to enter the environment in a new shell.
 ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv}
 
@@ -14,8 +15,17 @@ PY=$VENV/bin/python
 # torch is pinned to the CPU build on this machine's disk: a bare `torch` would pull a multi-GB CUDA build.
 "$PY" -m pip install -q torch==2.13.0 'numpy<2'
 "$PY" -m pip install -q mindspore==2.10.0 'numpy<2'
-"$PY" -m pip install -q -e ".[test]" matplotlib 'numpy<2'
+"$PY" -m pip install -q -e ".[test,demo]" 'numpy<2'
+"$PY" -m pip install -q ruff==0.17.6   # the linter, pinned: a new release's new rules must not turn CI red
 
 # MindSpore logs: warnings and errors only, into a scratch directory (it must exist when logtostderr=0).
 export GLOG_v=3 GLOG_logtostderr=0 GLOG_log_dir="$(mktemp -d)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# The last line of ci/demo.sh and ci/test.sh: the README's commands need this environment in every new shell.
+print_activate_hint() {
+    local venv=$VENV
+    case $venv in "$ROOT"/*) venv=${venv#"$ROOT"/} ;; esac  # relative to the repository root when inside it
+    echo "To use this environment in a new shell (for hyper-parallel, python -m hyper_parallel.launch, ...):"
+    echo "    source $venv/bin/activate"
+}

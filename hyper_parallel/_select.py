@@ -33,11 +33,11 @@ class _Builtin:
 
 
 BUILTIN = {
-    "torch": _Builtin("platform_adapters.torch", "TorchPlatform", "torch", "pip install 'torch>=2.4'"),
+    "torch": _Builtin("platform_adapters.torch", "TorchPlatform", "torch", "pip install 'hyper-parallel[torch]'"),
     "torch_npu": _Builtin("platform_adapters.torch_npu", "TorchNpuPlatform", "torch_npu",
                           "pip install 'torch>=2.4' torch-npu (matching your CANN version)"),
     "mindspore": _Builtin("platform_adapters.mindspore", "MindSporePlatform", "mindspore",
-                          "pip install 'mindspore>=2.6' 'numpy<2'"),
+                          "pip install 'hyper-parallel[mindspore]'"),
 }
 AUTO_DETECT_ORDER = ("torch_npu", "torch", "mindspore")
 

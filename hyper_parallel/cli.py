@@ -1,5 +1,7 @@
 """The ``hyper-parallel`` command.
 
+``hyper-parallel --version``: the package version (``hyper_parallel.__version__``, its single source).
+
 ``hyper-parallel info [--json]``: the resolved backend, installed framework versions, the device, which adapters can
 be imported, and the launcher environment this process sees.
 
@@ -20,9 +22,9 @@ import importlib.metadata
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from hyper_parallel import _select
+from hyper_parallel import __version__, _select, log
 
 WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MS_ROLE", _select.ENV_VAR)
 _DISTRIBUTIONS = {"torch": "torch", "torch_npu": "torch-npu", "mindspore": "mindspore"}
@@ -38,7 +40,8 @@ def _version(dist: str) -> str | None:
 def collect_info() -> dict:
     """Everything ``hyper-parallel info`` reports, as a dict. Loads the resolved backend's framework."""
     info: dict = {
-        "hyper_parallel": _version("hyper-parallel") or "source tree",
+        "hyper_parallel": __version__,
+        "hyper_parallel_path": os.path.dirname(os.path.abspath(_select.__file__)),
         "python": sys.version.split()[0],
         "frameworks": {name: _version(dist) for name, dist in _DISTRIBUTIONS.items()},
         "adapters_importable": _select.available_backends(),
@@ -56,7 +59,7 @@ def collect_info() -> dict:
 
 def _print_info(info: dict) -> None:
     backend = info["backend"]
-    print(f"hyper_parallel    {info['hyper_parallel']} (python {info['python']})")
+    print(f"hyper_parallel    {info['hyper_parallel']} (python {info['python']}) from {info['hyper_parallel_path']}")
     if "error" in backend:
         print(f"backend           unavailable: {backend['error']}")
     else:
@@ -71,6 +74,10 @@ def _print_info(info: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hyper-parallel", description="Mixture-of-Experts parallelism toolkit")
+    parser.add_argument("--version", action="version", version=__version__, help="print the version and exit")
+    parser.add_argument("--log-level", type=str.lower, choices=log.LEVELS, default=None,
+                        help=f"print the library's log at this level, on every rank this command starts (sets "
+                             f"{log.ENV_VAR}; default: that variable, else silent)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show the resolved backend, framework versions, device and world env")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -80,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("bench", add_help=False, help="CPU benchmarks: permutation, EP dispatch + combine, torch vs "
                                                  "MindSpore (hyper-parallel bench --help)")
     args, rest = parser.parse_known_args(argv)
+    if args.log_level is not None:
+        os.environ[log.ENV_VAR] = args.log_level  # the ranks a subcommand launches inherit it
+        log.configure_logging(args.log_level)
     if args.command == "demo":
         from hyper_parallel.demo import main as demo_main
 

@@ -1,10 +1,12 @@
 """Local multi-process launcher for both frameworks.
 
 ``python -m hyper_parallel.launch --nproc N [--backend B] [--timeout S] script.py args...``
+``python -m hyper_parallel.launch --nproc N [--backend B] [--timeout S] -m package.module args...``
 
-Starts N copies of ``script.py`` with the standard environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT on a free port, and ``HYPER_PARALLEL_PLATFORM`` when ``--backend`` is given), prefixes every output line
-with its rank, and supervises the world:
+Starts N copies of ``script.py`` (with ``-m``, of ``python -m package.module``, as torchrun's ``-m`` does) with the
+standard environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port, and
+``HYPER_PARALLEL_PLATFORM`` when ``--backend`` is given), prefixes every output line with its rank, and supervises
+the world:
 
 * all ranks exit 0: exit 0;
 * a rank fails: every other rank is stopped, the failing rank's last output (its traceback) is shown again, and the
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 TIMEOUT_EXIT_CODE = 124
 _TAIL_LINES = 60
@@ -37,6 +39,10 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: Set for the ranks whose output the launcher prefixes with ``[rank r]``.
+PREFIXED_ENV_VAR = "HYPER_PARALLEL_OUTPUT_PREFIXED"
 
 
 def world_env(rank: int, nproc: int, port: int, backend: str | None = None, addr: str = "127.0.0.1") -> dict:
@@ -97,11 +103,13 @@ class _Rank:
 
 
 def launch(script_and_args: Sequence[str], nproc: int, backend: str | None = None, timeout_s: float = 900.0,
-           out=None, python: str = sys.executable) -> int:
-    """Run ``python script args...`` on ``nproc`` ranks and supervise them; return the exit code (see module doc).
+           out=None, python: str = sys.executable, module: bool = False) -> int:
+    """Run ``python script args...`` (``module=True``: ``python -m module args...``) on ``nproc`` ranks and
+    supervise them; return the exit code (see module doc).
 
     Raises:
-        ValueError: ``nproc`` < 1, ``timeout_s`` <= 0, or no script given.
+        ValueError: ``nproc`` < 1, ``timeout_s`` <= 0, no script given, or ``module=True`` with a name that is
+            not a dotted module name (a path such as ``examples/x.py``).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc!r}")
@@ -109,11 +117,16 @@ def launch(script_and_args: Sequence[str], nproc: int, backend: str | None = Non
         raise ValueError(f"--timeout must be a positive, finite number of seconds, got {timeout_s!r}")
     if not script_and_args:
         raise ValueError("no script given: python -m hyper_parallel.launch --nproc N script.py [args...]")
+    if module and not all(part.isidentifier() for part in script_and_args[0].split(".")):
+        raise ValueError(f"-m needs a dotted module name such as hyper_parallel.examples.moe_expert_parallel, got "
+                         f"{script_and_args[0]!r}; run a file by its path without -m")
     out = out or sys.stdout
     lock = threading.Lock()
     port = free_port()
-    cmd = [python, "-u", *script_and_args]
-    ranks = [_Rank(r, cmd, world_env(r, nproc, port, backend), out, lock) for r in range(nproc)]
+    cmd = [python, "-u", *(["-m"] if module else []), *script_and_args]
+    # the launcher prefixes every output line with the rank: the library's log need not say it again
+    envs = [{**world_env(r, nproc, port, backend), PREFIXED_ENV_VAR: "1"} for r in range(nproc)]
+    ranks = [_Rank(r, cmd, env, out, lock) for r, env in enumerate(envs)]
     deadline = time.monotonic() + timeout_s
     failed: _Rank | None = None
     try:
@@ -150,7 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None,
                    help="sets HYPER_PARALLEL_PLATFORM for every rank (torch, torch_npu, mindspore)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before every rank is stopped (default 900)")
-    p.add_argument("script", help="the Python script every rank runs")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="run the script argument as a module, like `python -m` (e.g. -m "
+                        "hyper_parallel.examples.moe_expert_parallel)")
+    p.add_argument("script", help="the Python script every rank runs (with -m: the module)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return p
 
@@ -166,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hyper_parallel.launch: error: {e}", file=sys.stderr)
             return 2
     try:
-        return launch([args.script, *args.args], args.nproc, args.backend, args.timeout)
+        return launch([args.script, *args.args], args.nproc, args.backend, args.timeout, module=args.module)
     except ValueError as e:
         print(f"hyper_parallel.launch: error: {e}", file=sys.stderr)
         return 2

@@ -72,6 +72,9 @@ def configure_logging(level: str | int | None = None, stream: TextIO | None = No
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(_RankFilter())
-    handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    # under hyper_parallel.launch every line of a rank's stderr already starts with [rank r]
+    prefixed = stream is None and os.environ.get("HYPER_PARALLEL_OUTPUT_PREFIXED") == "1"
+    fmt = "%(levelname)s %(name)s: %(message)s" if prefixed else "[rank %(rank)s] %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     logger.addHandler(handler)
     logger.setLevel(level)
