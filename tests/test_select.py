@@ -25,7 +25,8 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_import_loads_no_framework_in_a_fresh_interpreter():
-    code = ("import sys, hyper_parallel, hyper_parallel.launch, hyper_parallel.testing, hyper_parallel.cli; "
+    code = ("import sys, hyper_parallel, hyper_parallel.launch, hyper_parallel.testing, hyper_parallel.cli, "
+            "hyper_parallel.moe, hyper_parallel.functional, hyper_parallel.kernels, hyper_parallel.log; "
             "print([m for m in ('torch', 'mindspore', 'torch_npu', 'numpy') if m in sys.modules])")
     out = _python(code)
     assert out.returncode == 0, out.stderr
