@@ -76,6 +76,12 @@ print(f"wheel:   {len(names)} files, {sys.argv[1].rsplit('/', 1)[-1]}")
 EOF
 done_step
 
+# From here on, outside the source tree with nothing of the checkout on the path (`python -m pip` puts the working
+# directory on sys.path, and ci/setup.sh exports PYTHONPATH: either would let pip see the checkout's editable
+# install as "already satisfied" and skip the wheel): only the wheel can answer.
+cd "$OUTSIDE"
+unset PYTHONPATH HYPER_PARALLEL_PLATFORM
+
 step "a fresh virtual environment: $TORCH_PIN, then the wheel with [torch]"
 quiet venv.log "$PY" -m venv "$FRESH"
 quiet pip-torch.log "$FRESH/bin/python" -m pip install "$TORCH_PIN"
@@ -87,9 +93,6 @@ if "$FRESH/bin/python" -c "import mindspore" 2>/dev/null; then
 fi
 done_step
 
-# From outside the source tree, with nothing of the checkout on the path: only the installed package can answer.
-cd "$OUTSIDE"
-unset PYTHONPATH HYPER_PARALLEL_PLATFORM
 run_installed() {  # run_installed LOG CMD...: as quiet, then show the output
     quiet "$@"
     sed 's/^/wheel:   | /' "$SCRATCH/$1"
