@@ -6,8 +6,8 @@ padding.
 
 Dispatch::
 
-    counts all_to_all   num_tokens_per_expert_G  ->  num_tokens_per_rank_expert_RE   (R x E counts, rank-major)
-    ONE host sync       both count vectors -> Python ints: the token all_to_all's split sizes, all totals
+    counts all_gather   every rank's num_tokens_per_expert_G + a header -> [R, G + H] (see counts_exchange)
+    ONE host sync       the gathered counts -> Python ints: split sizes, totals, and checks run on every rank
     token all_to_all    routed_input_ND  ->  received_TD                           (rank-major)
     permute             received_TD  ->  permuted_PD                               (expert-major, padded)
 
@@ -23,6 +23,7 @@ import dataclasses
 import logging
 
 from hyper_parallel._select import get_platform
+from hyper_parallel.expert_parallel.counts_exchange import exchange_counts
 from hyper_parallel.expert_parallel.permute import PermuteIndices, build_permute_indices, permute, unpermute
 from hyper_parallel.functional import all_to_all_single_autograd
 from hyper_parallel.platform import Group
@@ -78,14 +79,17 @@ class PendingDispatch:
                           meta=DispatchMeta(indices=indices, **self._meta_args))
 
 
-def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, align: int = 1,
-                   async_op: bool = False):
+def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, num_experts: int | None = None,
+                   align: int = 1, async_op: bool = False):
     """Send each row to the rank owning its expert and group the received rows by local expert.
 
     Args:
         routed_input_ND: rows grouped by global expert id (expert 0's rows first).
         num_tokens_per_expert_G: int64 tensor, rows per global expert; sums to N.
         group: the EP group; global expert ``g`` lives on group rank ``g // E``.
+        num_experts: G, the experts module's global expert count (the styles pass it). Every rank must agree on
+            it: a rank whose counts have another length then fails on every rank with a clear error, instead of
+            breaking the exchange. ``None``: the length of ``num_tokens_per_expert_G``.
         align: pad each local expert's rows to a multiple of this (1, 8, 16, 32).
         async_op: return a :class:`PendingDispatch` while the token all-to-all is in flight.
 
@@ -93,30 +97,26 @@ def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, al
         :class:`Dispatched` (or :class:`PendingDispatch` when ``async_op``).
 
     Raises:
-        ValueError: the expert count is not divisible by the EP degree, or the counts do not sum to the rows.
+        ValueError: the expert count is not divisible by the EP degree; or, on every rank of the group, any rank's
+            input is inconsistent (see :func:`~hyper_parallel.expert_parallel.counts_exchange.exchange_counts`).
     """
     p = get_platform()
-    R, G = group.size, int(num_tokens_per_expert_G.shape[0])
+    R = group.size
+    G = int(num_tokens_per_expert_G.shape[0]) if num_experts is None else int(num_experts)
     if G % R:
         raise ValueError(f"expert parallel degree ({R}) must divide the number of experts ({G})")
     with p.profile_range("hyper_parallel.dispatch"):
-        pending = _exchange(p, routed_input_ND, num_tokens_per_expert_G, group, R, G // R, align)
+        pending = _exchange(p, routed_input_ND, num_tokens_per_expert_G, group, R, G, align)
     return pending if async_op else pending.wait()
 
 
-def _exchange(p, routed_input_ND, num_tokens_per_expert_G, group: Group, R: int, E: int, align: int):
-    """Counts exchange, host sync, and the token all-to-all left in flight."""
-    G = R * E
-    counts_RE, _ = p.all_to_all_single(num_tokens_per_expert_G, output_split_sizes=[E] * R,
-                                       input_split_sizes=[E] * R, group=group)
-    # The one device-to-host sync of a dispatch: both count vectors at once.
-    host = p.tolist(p.cat([num_tokens_per_expert_G, counts_RE]))
-    host_counts_G, host_counts_RE = host[:G], host[G:]
-    input_splits = tuple(sum(host_counts_G[r * E:(r + 1) * E]) for r in range(R))
+def _exchange(p, routed_input_ND, num_tokens_per_expert_G, group: Group, R: int, G: int, align: int):
+    """Counts exchange (with the cross-rank checks), host sync, and the token all-to-all left in flight."""
+    E = G // R
+    counts = exchange_counts(routed_input_ND, num_tokens_per_expert_G, group, G)
+    host_counts_RE, counts_RE = counts.host_counts_RE, counts.counts_RE
+    input_splits = tuple(sum(counts.host_counts_G[r * E:(r + 1) * E]) for r in range(R))
     output_splits = tuple(sum(host_counts_RE[r * E:(r + 1) * E]) for r in range(R))
-    if sum(input_splits) != routed_input_ND.shape[0]:
-        raise ValueError(f"num_tokens_per_expert sums to {sum(input_splits)} but routed_input has "
-                         f"{routed_input_ND.shape[0]} rows")
     meta_args = dict(group=group, input_splits=input_splits, output_splits=output_splits)
     received, handle = all_to_all_single_autograd(routed_input_ND, output_split_sizes=output_splits,
                                                   input_split_sizes=input_splits, group=group, async_op=True)

@@ -22,12 +22,15 @@ import logging
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.dtensor import DTensor
-from hyper_parallel.dtensor.module import distribute_module, distribute_parameter
+from hyper_parallel.dtensor.module import distribute_module, distribute_parameter, module_parameter_spec
 from hyper_parallel.dtensor.placement import Partial, Replicate, Shard
-from hyper_parallel.expert_parallel.dispatch import Dispatched, token_combine, token_dispatch
+from hyper_parallel.expert_parallel.dispatch import Dispatched, DispatchMeta, token_combine, token_dispatch
+from hyper_parallel.functional import zeros_connected
 from hyper_parallel.parallel.style import ParallelStyle
+from hyper_parallel.platform import DTYPE_NAMES
 
-__all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "expert_style_of"]
+__all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "expert_style_of",
+           "keep_in_graph", "num_global_experts"]
 
 _STYLE_ATTR = "_hyper_parallel_expert_style"
 _log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
 
     def apply(self, module, device_mesh: DeviceMesh):
         self._check(module, device_mesh)
+        _check_same_experts_everywhere(module, device_mesh, type(self).__name__)
         p = get_platform()
         distribute_module(module, device_mesh, self._partition_fn, self._dispatch_hook)
         p.register_forward_hook(module, functools.partial(_combine_hook, self, device_mesh))  # a partial pickles
@@ -55,7 +59,7 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
         if len(inputs) != 2:
             raise ValueError(f"{type(self).__name__}: call the experts as experts(routed_input, "
                              f"num_tokens_per_expert); got {len(inputs)} positional arguments")
-        d = self.dispatch(inputs[0], inputs[1], device_mesh)
+        d = self.dispatch(inputs[0], inputs[1], device_mesh, num_experts=num_global_experts(module))
         return d.routed_input, d.num_tokens_per_expert, d.meta
 
     @abc.abstractmethod
@@ -67,8 +71,12 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
         """Shard the experts' parameters."""
 
     @abc.abstractmethod
-    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh: DeviceMesh, *, async_op: bool = False):
-        """Bring the rows to the ranks computing them; returns :class:`Dispatched` (or a pending one)."""
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh: DeviceMesh, *, async_op: bool = False,
+                 num_experts: int | None = None):
+        """Bring the rows to the ranks computing them; returns :class:`Dispatched` (or a pending one).
+
+        ``num_experts`` is the experts' global count (:func:`num_global_experts`): with it, counts of another
+        length on any rank fail on every rank with a clear error."""
 
     @abc.abstractmethod
     def combine(self, routed_output, meta, device_mesh: DeviceMesh):
@@ -76,7 +84,52 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
 
 
 def _combine_hook(style: BaseExpertParallel, device_mesh: DeviceMesh, module, args, output):
-    return style.combine(output, args[2], device_mesh)
+    return style.combine(keep_in_graph(output, module, args[2]), args[2], device_mesh)
+
+
+def num_global_experts(module) -> int:
+    """The experts' global count: dim 0 of ``w1``'s global shape (its recorded layout once sharded)."""
+    spec = module_parameter_spec(module, "w1")
+    return int(spec.shape[0] if spec is not None else module.w1.shape[0])
+
+
+def keep_in_graph(routed_output, module, meta):
+    """The experts' output, made to depend on the experts' parameters on a rank that received no rows.
+
+    Every rank must run the combine's backward all-to-all when any rank does. A rank with rows has an output that
+    depends on the expert weights; a rank without rows has an empty output that depends only on its (empty) input,
+    which needs no gradient when the layer's input does not (a first layer fed by data): it would skip the backward
+    exchange its peers wait in. Tying the empty output to the trainable parameters (with zero gradients) keeps its
+    ``requires grad`` the same as its peers'. Costs nothing on ranks with rows.
+    """
+    if not isinstance(meta, DispatchMeta) or meta.indices.num_rows:
+        return routed_output
+    shape = tuple(routed_output.shape)
+    for _, param in get_platform().named_parameters(module):
+        routed_output = routed_output + zeros_connected(param, shape)
+    return routed_output
+
+
+def _check_same_experts_everywhere(module, device_mesh: DeviceMesh, style: str) -> None:
+    """Raise on every rank when the experts' parameter shapes or dtypes differ across the mesh (before anything
+    is sharded: a broadcast between different shapes aborts the process). One all-gather per mesh axis, at apply."""
+    p = get_platform()
+    names = ("w1", "w2", "w3")
+    signature = []
+    for name in names:
+        w = getattr(module, name)
+        signature += [*(int(d) for d in w.shape), DTYPE_NAMES.index(p.dtype_name(w.dtype))]
+    mine = p.tensor(signature, dtype="int64")
+    for axis in range(device_mesh.ndim):
+        group = device_mesh.get_group(axis)
+        rows = p.tolist(p.all_gather_into_tensor(mine, group=group))
+        width = len(signature)
+        table = [rows[j * width:(j + 1) * width] for j in range(group.size)]
+        if any(row != table[0] for row in table):
+            described = "; ".join(f"rank {r}: " + ", ".join(
+                f"{n} {row[4 * i:4 * i + 3]} {DTYPE_NAMES[row[4 * i + 3]]}" for i, n in enumerate(names))
+                for r, row in zip(group.ranks, table))
+            raise ValueError(f"{style}: the experts must be built the same on every rank of the mesh, got {described}")
 
 
 def _check_experts(module, style: str) -> None:
@@ -120,8 +173,9 @@ class ExpertParallel(BaseExpertParallel):
             for w in ("w1", "w2", "w3"):
                 distribute_parameter(module, w, device_mesh, [Shard(0)])
 
-    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
-        return token_dispatch(routed_input, num_tokens_per_expert, device_mesh.get_group(), align=self.align,
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False, num_experts=None):
+        return token_dispatch(routed_input, num_tokens_per_expert, device_mesh.get_group(), num_experts=num_experts,
+                              align=self.align,
                               async_op=async_op)
 
     def combine(self, routed_output, meta, device_mesh):
@@ -161,7 +215,7 @@ class TensorParallel(BaseExpertParallel):
             distribute_parameter(module, "w3", device_mesh, [Shard(1)])
             distribute_parameter(module, "w2", device_mesh, [Shard(2)])
 
-    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False, num_experts=None):
         counts = num_tokens_per_expert
         if not isinstance(counts, (list, tuple)):
             counts = get_platform().tolist(counts)
@@ -200,8 +254,9 @@ class ExpertTensorParallel(BaseExpertParallel):
             distribute_parameter(module, "w3", mesh, [Shard(0), Shard(1)])
             distribute_parameter(module, "w2", mesh, [Shard(0), Shard(2)])
 
-    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False):
+    def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False, num_experts=None):
         pending = token_dispatch(routed_input, num_tokens_per_expert, device_mesh["ep"].get_group(),
+                                 num_experts=num_experts,
                                  align=self.align, async_op=True)
         tp = device_mesh["tp"]
         finish = lambda d: Dispatched(routed_input=_replicated_input(d.routed_input, tp),

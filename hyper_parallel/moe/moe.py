@@ -20,7 +20,7 @@ from typing import Any
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.dtensor import DTensor
 from hyper_parallel.dtensor.placement import Partial, Replicate, chunk_sizes
-from hyper_parallel.expert_parallel.styles import expert_style_of
+from hyper_parallel.expert_parallel.styles import expert_style_of, keep_in_graph
 from hyper_parallel.functional import zeros_connected
 from hyper_parallel.moe.losses import update_expert_bias
 
@@ -160,13 +160,13 @@ class MoEMixin:
                 routed = self.experts(routed_ND, counts_E)
             return routed, None if self.shared_experts is None else self._shared(x_TD)
         style, mesh = applied
-        pending = style.dispatch(routed_ND, counts_E, mesh, async_op=True)
+        pending = style.dispatch(routed_ND, counts_E, mesh, async_op=True, num_experts=self.num_experts)
         shared_TD = self._shared(x_TD)  # runs while the token all-to-all is in flight
         d = pending.wait()
         # forward() skips the module's hooks: this call IS the dispatch/combine they would do
         with p.profile_range("hyper_parallel.moe.experts"):
             out = self.experts.forward(d.routed_input, d.num_tokens_per_expert)
-        return style.combine(out, d.meta, mesh), shared_TD
+        return style.combine(keep_in_graph(out, self.experts, d.meta), d.meta, mesh), shared_TD
 
     def _shared(self, x_TD):
         with get_platform().profile_range("hyper_parallel.moe.shared_experts"):
