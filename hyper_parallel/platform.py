@@ -30,17 +30,28 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hyper_parallel import _validation as check
+from hyper_parallel import collective_checks
 from hyper_parallel._select import get_platform
 from hyper_parallel.kernels import Kernels
+from hyper_parallel.rendezvous import (  # noqa: F401 - part of this module's API since the adapters import it here
+    DEFAULT_START_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    START_TIMEOUT_ENV_VAR,
+    TIMEOUT_ENV_VAR,
+    Rendezvous,
+    WorldEnv,
+    process_group_timeout,
+    start_timeout,
+)
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["CallCounts", "Group", "Handle", "Platform", "WorldEnv", "DTYPE_NAMES"]
+__all__ = ["CallCounts", "Group", "Handle", "Platform", "Rendezvous", "WorldEnv", "DTYPE_NAMES",
+           "TIMEOUT_ENV_VAR", "START_TIMEOUT_ENV_VAR", "process_group_timeout", "start_timeout"]
 
 #: Neutral dtype names accepted by the factories and reported by :meth:`Platform.dtype_name`.
 DTYPE_NAMES = ("bool", "int32", "int64", "float16", "bfloat16", "float32", "float64")
@@ -107,46 +118,6 @@ class Handle:
         return self._wait is None
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WorldEnv:
-    """The standard launcher environment (torchrun, ``python -m hyper_parallel.launch``, msrun-compatible)."""
-
-    rank: int
-    """Global rank of this process (``RANK``)."""
-    world_size: int
-    """Number of processes (``WORLD_SIZE``)."""
-    local_rank: int
-    """Rank on this host, used to pick the device (``LOCAL_RANK``, default: ``rank``)."""
-    master_addr: str
-    """Host of the rendezvous store (``MASTER_ADDR``, default ``127.0.0.1``)."""
-    master_port: int
-    """Port of the rendezvous store (``MASTER_PORT``)."""
-
-    @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> WorldEnv:
-        """Read the world from ``environ`` (default ``os.environ``).
-
-        Raises:
-            ValueError: if RANK, WORLD_SIZE or MASTER_PORT is missing or not an integer, or rank is out of range.
-        """
-        env = os.environ if environ is None else environ
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if k not in env]
-        if missing:
-            raise ValueError(
-                f"init_process_group() needs the launcher environment; missing {missing}. Start the script with "
-                "`python -m hyper_parallel.launch --nproc N script.py` or torchrun"
-            )
-        try:
-            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-            port, local = int(env["MASTER_PORT"]), int(env.get("LOCAL_RANK", env["RANK"]))
-        except ValueError as e:
-            raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers: {e}") from None
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"RANK must satisfy 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
-        return cls(rank=rank, world_size=world, local_rank=local,
-                   master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
-
-
 class Platform(abc.ABC):
     """What a framework must provide to run the neutral core. One subclass per framework in ``platform_adapters``.
 
@@ -204,23 +175,39 @@ class Platform(abc.ABC):
         """Version strings of the framework and its device/collective extensions, for diagnostics."""
 
     # ------------------------------------------------------------------ process groups
-    def init_process_group(self, timeout_s: float = 300.0) -> Group:
+    def init_process_group(self, timeout_s: float | None = None) -> Group:
         """Join the world described by the launcher environment (see :class:`WorldEnv`) and return the world group.
 
         Works under ``python -m hyper_parallel.launch``, torchrun, and (MindSpore) msrun. Calling it again in an
         initialised process returns the world group unchanged.
 
+        Start-up is checked (see :class:`Rendezvous`): a world started wrongly (ranks disagreeing on WORLD_SIZE, a
+        busy MASTER_PORT, a rank that never comes) fails within ``HYPER_PARALLEL_START_TIMEOUT`` seconds (default
+        60, at most ``timeout_s``) with a message naming the setting, rather than waiting out ``timeout_s``.
+
+        Args:
+            timeout_s: seconds any collective, and the framework's own rendezvous, may wait for the other ranks
+                before failing with an error instead of hanging. Default: ``HYPER_PARALLEL_TIMEOUT``, else 300.
+
         Raises:
-            ValueError: if the launcher environment is missing or malformed.
+            ValueError: the launcher environment is missing or malformed, MASTER_ADDR does not resolve, ranks
+                disagree on WORLD_SIZE or share a RANK, or a timeout (``timeout_s``, ``HYPER_PARALLEL_TIMEOUT``,
+                ``HYPER_PARALLEL_START_TIMEOUT``) is not a positive, finite number of seconds.
+            RuntimeError: rank 0 cannot bind MASTER_PORT, the store cannot be reached, or not every rank joined
+                within the start-up timeout (each message says what to check); on MindSpore, a second init in a
+                process that called :meth:`destroy_process_group`.
         """
+        # Checked on every call, before anything starts: a bad setting fails the same way on every rank.
+        timeout_s = process_group_timeout(timeout_s)
+        start_timeout(timeout_s)
         if self._world is None:
             env = self._read_world_env()
             native = self._init_process_group(env, timeout_s)
             self._rank = env.rank
             self._world = Group(ranks=tuple(range(env.world_size)), native=native)
             self._groups_by_ranks = {self._world.ranks: self._world}
-            _log.info("joined the world as rank %d of %d: %s on %s, collectives via %s", env.rank, env.world_size,
-                      self.name, self.device_type, self.dist_backend)
+            _log.info("joined the world as rank %d of %d: %s on %s, collectives via %s, timeout %g s", env.rank,
+                      env.world_size, self.name, self.device_type, self.dist_backend, timeout_s)
         return self._world
 
     def _read_world_env(self) -> WorldEnv:
@@ -281,7 +268,8 @@ class Platform(abc.ABC):
         return list((self._require_world("group_ranks") if group is None else group).ranks)
 
     def destroy_process_group(self) -> None:
-        """Leave the world. Some frameworks (MindSpore) cannot join another world in the same process afterwards."""
+        """Leave the world, forgetting its groups (meshes built on them are unusable afterwards). torch can join a
+        new world in the same process afterwards; MindSpore cannot (:meth:`init_process_group` then raises)."""
         if self._world is not None:
             self._destroy_process_group()
             self._world = None
@@ -301,7 +289,7 @@ class Platform(abc.ABC):
         ``avg`` needs a floating dtype. Returns a new tensor; ``x`` is unchanged.
         """
         op = check.check_reduce_op(op)
-        group = self._collective_prologue("all_reduce", x, group)
+        group = self._collective_prologue("all_reduce", x, group, op=op)
         if op == "avg" and not self.dtype_name(x.dtype).startswith(("float", "bfloat")):
             raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {self.dtype_name(x.dtype)}")
         return self._all_reduce(x, op, group)
@@ -318,7 +306,7 @@ class Platform(abc.ABC):
             ValueError: if dim 0 of ``x`` is not divisible by the group size.
         """
         op = check.check_reduce_op(op)
-        group = self._collective_prologue("reduce_scatter_tensor", x, group)
+        group = self._collective_prologue("reduce_scatter_tensor", x, group, op=op)
         if x.shape[0] % group.size:
             raise ValueError(
                 f"reduce_scatter_tensor: dim 0 ({x.shape[0]}) must be divisible by the group size ({group.size})"
@@ -362,6 +350,9 @@ class Platform(abc.ABC):
                                         "output_shape[0]")
         # bytes leaving this rank: the rows for every other member
         me = group.ranks.index(self._rank)
+        if collective_checks.enabled():
+            collective_checks.check_agreement(self, "all_to_all_single", x, group, input_splits=in_splits,
+                                              output_splits=out_splits)
         self._record("all_to_all_single", self._nbytes(x, rows=sum(in_splits) - in_splits[me]))
         out, wait = self._all_to_all_single(x, output_shape, in_splits, out_splits, group, async_op)
         handle = Handle(wait)
@@ -371,7 +362,7 @@ class Platform(abc.ABC):
 
     def broadcast(self, x, src: int = 0, group: Group | None = None):
         """Return ``src``'s ``x`` on every member (``src`` is a GLOBAL rank, as in torch)."""
-        group = self._collective_prologue("broadcast", x, group)
+        group = self._collective_prologue("broadcast", x, group, src=src)
         if src not in group.ranks:
             raise ValueError(f"broadcast: src rank {src} is not a member of the group with ranks {list(group.ranks)}")
         return self._broadcast(x, src, group)
@@ -463,6 +454,16 @@ class Platform(abc.ABC):
         Returns a handle with ``remove()``."""
         return module.register_forward_hook(hook)
 
+    def register_sharded_state_dict(self, module) -> None:
+        """Make the framework's checkpointing see ``module``'s sharded parameters with their layout (called by
+        :func:`~hyper_parallel.dtensor.module.distribute_parameter` each time it records one; must be idempotent).
+
+        The default does nothing: the module's state dict holds the local shards. The torch adapter makes
+        ``state_dict`` return torch ``DTensor`` values (:mod:`hyper_parallel.integrations.torch_dcp`), because
+        ``torch.distributed.checkpoint`` takes a plain tensor for a replicated one and restores one rank's shard
+        everywhere."""
+        return None  # explicit: a deliberate no-op default, not a forgotten abstract method
+
     @abc.abstractmethod
     def manual_seed(self, seed: int) -> None:
         """Seed the framework's global random generator(s)."""
@@ -539,15 +540,18 @@ class Platform(abc.ABC):
             raise TypeError(f"{what}: expected a {self.Tensor.__name__}, got {type(x).__name__}")
         check.check_dtype(self.dtype_name(x.dtype), self.collective_dtypes, self.dist_backend, what)
 
-    def _collective_prologue(self, what: str, x, group: Group | None) -> Group:
+    def _collective_prologue(self, what: str, x, group: Group | None, op: str = "", src: int = -1) -> Group:
         group = self._group(group, what)
         self._check_tensor(what, x)
+        if collective_checks.enabled():
+            collective_checks.check_agreement(self, what, x, group, op=op, src=src)
         self._record(what, self._nbytes(x))
         return group
 
     @abc.abstractmethod
     def _init_process_group(self, env: WorldEnv, timeout_s: float) -> Any:
-        """Join the world; return the native world-group handle."""
+        """Join the world; return the native world-group handle. ``timeout_s`` is validated; every collective of
+        the world must fail after it rather than hang. An adapter hosting a store runs :class:`Rendezvous`."""
 
     @abc.abstractmethod
     def _new_group(self, ranks: tuple[int, ...], member: bool) -> Any:

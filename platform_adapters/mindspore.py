@@ -12,6 +12,12 @@ adapter builds them from the ones that work; on GPU/Ascend it calls the native k
 * ``barrier``: the native one does not block on its first call; an ``all_reduce`` read back on the host does.
 * tensor copies: ``Tensor.clone`` has no CPU kernel and ``copy_`` breaks on some views; see :func:`_copy`.
 
+Its kernels (``MindSporeKernels``): ``grouped_mm`` cuts the rows with one ``split``, as a slice per expert made
+MindSpore compile and keep a graph per step (unbounded memory growth). Everywhere, this adapter runs in PyNative mode
+only: under ``mindspore.jit`` (any capture mode) or GRAPH_MODE every collective, the autograd primitive, ``tolist``
+and ``profile_range`` raise a RuntimeError instead of computing a wrong gradient (see ``_refuse_capture``); on CPU the
+autograd primitive refuses bfloat16, which MindSpore cannot compute there after the exchange.
+
 Other workarounds live where they apply: ``send``/``recv`` need the world-group cache seeded, groups are created by
 their members only, and ranks come from a TCPStore (no scheduler process) unless msrun started the job.
 """
@@ -20,8 +26,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,14 +50,38 @@ import mindspore  # noqa: E402
 import numpy as np  # noqa: E402
 from mindspore import mint, ops  # noqa: E402
 from mindspore.communication import management  # noqa: E402
+from mindspore.graph import jit_context as _jit_context  # noqa: E402
+from mindspore.graph import jit_trace as _jit_trace  # noqa: E402
+from mindspore.graph._utils import pijit_context as _pijit_context  # noqa: E402
 from mindspore.mint import distributed as dist  # noqa: E402
 from mindspore.mint.distributed import distributed as _dist_impl  # noqa: E402
+from mindspore.ops.primitive import constexpr  # noqa: E402
 from mindspore.profiler.common.record_function import RecordFunction  # noqa: E402
 
-from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, WorldEnv  # noqa: E402
+from hyper_parallel.kernels import Kernels  # noqa: E402
+from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, Rendezvous, WorldEnv  # noqa: E402
 
 _DEVICE_TYPES = {"CPU": "cpu", "GPU": "gpu", "Ascend": "ascend"}
 _BACKENDS = {"cpu": "mccl", "gpu": "nccl", "ascend": "hccl"}
+
+# MindSpore joins one world per process: init after destroy_process_group crashes the process (MindSpore 2.10 on
+# CPU: segmentation fault, exit code -11, in the second _init_with_store) or fails its first collective. Module-wide,
+# as a second platform object lives in the same process.
+_WORLD_DESTROYED = False
+
+
+def _refuse_second_world() -> None:
+    """Refuse, with a message, the second world that would crash the process.
+
+    Raises:
+        RuntimeError: this process already called ``destroy_process_group()``.
+    """
+    if _WORLD_DESTROYED:
+        raise RuntimeError(
+            "init_process_group() after destroy_process_group() is not supported on MindSpore: it allows one "
+            "process-group init per process (a second one crashes MindSpore 2.10 with a segmentation fault). Start "
+            "each world in a new process (one launch per world), or keep the first world and build new device "
+            "meshes on it")
 
 
 def _copy(x):
@@ -65,6 +97,120 @@ def _copy(x):
     return out
 
 
+# ---------------------------------------------------------------------- graph capture: refused, never silently wrong
+# Measured on MindSpore 2.10 (CPU, 2 ranks): under jit(capture_mode="bytecode") the custom backward of a _Function is
+# traced instead of run, so its Python side effects (the backward all-to-alls) vanish and an expert-parallel step
+# returns wrong gradients or crashes the process (segmentation fault); capture_mode="trace" drops the custom backward
+# altogether (a wrong gradient even on one device) and aborts the process at its next op after any exception;
+# capture_mode="ast" and GRAPH_MODE fail to parse the layers with unrelated messages. Every collective, the autograd
+# primitive, the host sync and the profiler range therefore refuse to run unless MindSpore runs the caller eagerly.
+
+_CAPTURES = {
+    "ast": "mindspore.jit (capture_mode='ast', the default)",
+    "graph": "GRAPH_MODE (mindspore.set_context(mode=mindspore.GRAPH_MODE))",
+    "bytecode": "mindspore.jit(capture_mode='bytecode')",
+    "trace": "mindspore.jit(capture_mode='trace')",
+}
+
+
+def _capture_error(what: str, capture: str) -> RuntimeError:
+    """The refusal of ``what`` under ``capture`` (a key of ``_CAPTURES``): the constraint, what was found, the fix."""
+    return RuntimeError(
+        f"{what} was reached under {_CAPTURES[capture]}, but hyper_parallel's collectives, autograd primitive and "
+        f"host syncs run in MindSpore's PyNative mode only (MindSpore {mindspore.__version__}): graph capture drops "
+        "their custom backward (the backward all-to-alls are never issued, so the gradients come out wrong) and "
+        "freezes the host-synced split sizes into the graph. Run the model and its gradient eagerly: call them "
+        "without mindspore.jit, in mindspore.PYNATIVE_MODE (the default; mindspore.set_context("
+        f"mode=mindspore.PYNATIVE_MODE)). Valid: PyNative mode; got: {capture}")
+
+
+def _pijit_active() -> bool:
+    """Whether a ``jit(capture_mode="bytecode")`` call is on the Python stack (its wrapper ``_fn`` runs the function).
+
+    The bytecode capture has no public "am I capturing" flag; its wrapper's frame is there while it runs the
+    function, in the code it captures and in the code it hands back to Python (a graph break) alike."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_fn" and code.co_filename == _pijit_context.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@constexpr(check=False, reuse_result=False)
+def _refuse_graph_compile(probe, what):
+    """Raise while MindSpore's graph compiler evaluates the calling code (``jit`` ast/bytecode, GRAPH_MODE).
+
+    A constexpr runs in Python while a graph is compiled, with its arguments' compile-time values: a Python
+    function is no constant there and arrives as ``None`` (MindSpore's own ``_run_in_jit`` uses the same test). In
+    PyNative it is a plain call with the real function (0.2 us)."""
+    if probe is None:
+        capture = "bytecode" if _pijit_active() else \
+            "graph" if mindspore.get_context("mode") == mindspore.GRAPH_MODE else "ast"
+        raise _capture_error(what, capture)
+
+
+def _abandon_trace(output) -> None:
+    """Close the trace a ``jit(capture_mode="trace")`` opened, so that refusing it leaves the process usable.
+
+    MindSpore 2.10's trace wrapper has no ``try``/``finally``: an exception inside the traced function leaves the
+    trace open, and the process aborts (SIGABRT) at its next op (measured). This ends the half-built graph and resets
+    the wrapper's state as its normal exit does. Best effort: it touches private trace state, so a MindSpore whose
+    state differs keeps its own behaviour."""
+    try:
+        state = _jit_trace._trace_jit_context
+        outputs = (output,) if isinstance(output, mindspore.Tensor) else (mindspore.Tensor(0.0),)
+        # One source location of our own: MindSpore's _get_caller_lines() fails under `python -m` (a frozen frame
+        # has no source line), and the graph is discarded anyway.
+        _jit_trace.tr.get_instance().end_graph([__file__], [_abandon_trace.__code__.co_firstlineno],
+                                               _jit_trace._DEFAULT_JIT_CONFIG, *outputs)
+        _jit_trace._trace_compile_cache.discard(state.phase)  # else the next call "runs" the never-built graph
+        state.phase, state.args, state.compiled = "", None, False
+        _jit_trace._using_trace = False
+        _jit_trace.set_jit_context(None)
+    except Exception:  # noqa: BLE001 - the refusal below is what matters; this only tidies up
+        pass
+
+
+# MindSpore 2.10 registers no bfloat16 CPU kernel for Gather (indexing), TensorScatterUpdate (indexed assignment),
+# MatMul, Sigmoid, ReduceSum or Softmax (each probed in a fresh process; all of them exist for float16 and float32):
+# a bfloat16 token exchange would succeed and the permutation right after it fail with "Select CPU operator[Gather]
+# fail! Unsupported data type!", and the experts' products have no kernel either. Refused before the exchange.
+_BF16_ON_CPU = (
+    "autograd_function (the differentiable collectives behind expert parallelism) got a bfloat16 tensor on backend "
+    f"'mindspore', device 'cpu': MindSpore {mindspore.__version__} registers no bfloat16 CPU kernel for the ops that "
+    "follow the token exchange (Gather for the token permutation, MatMul for the experts, Sigmoid, ReduceSum, "
+    "TensorScatterUpdate, Softmax). Valid dtypes on MindSpore CPU: float32 or float16 (cast the tokens and the "
+    "experts' weights, e.g. x.astype(mindspore.float16)); bfloat16 is left to MindSpore's GPU and Ascend kernels")
+
+
+def _refuse_capture(what: str, tensor=None) -> None:
+    """Raise a RuntimeError unless MindSpore runs the calling code eagerly (PyNative mode, no ``jit``).
+
+    Args:
+        what: the member reached, for the message.
+        tensor: a tensor at hand, used to close a refused trace (see :func:`_abandon_trace`).
+
+    Raises:
+        RuntimeError: under ``jit`` (any capture mode) or GRAPH_MODE, naming the mode and what to do instead.
+    """
+    _refuse_graph_compile(_refuse_capture, what)  # first: a compiler parses only this line before it raises
+    _refuse_eager_capture(what, tensor)
+
+
+def _refuse_eager_capture(what: str, tensor) -> None:
+    """The checks of :func:`_refuse_capture` for code that runs as Python (kept apart: a graph compiler parses a
+    function's whole body, and cannot parse these)."""
+    if _jit_context.jit_context() is not None:  # set only while jit(capture_mode="trace") records
+        _abandon_trace(tensor)
+        raise _capture_error(what, "trace")
+    if _pijit_active():  # code the bytecode capture handed back to Python
+        raise _capture_error(what, "bytecode")
+    if mindspore.get_context("mode") == mindspore.GRAPH_MODE:  # eager code of a GRAPH_MODE process
+        raise _capture_error(what, "graph")
+
+
 class _ClosureFunction(mindspore._Function):
     """A ``mindspore._Function`` (the ``torch.autograd.Function`` look-alike) whose forward and backward are closures
     passed at call time. Chosen over an ``nn.Cell`` with ``bprop``: no Cell is built per call, and the forward may
@@ -77,7 +223,31 @@ class _ClosureFunction(mindspore._Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_capture("the backward of autograd_function", grad)  # a backward captured on its own
         return ctx.backward_fn(grad), None, None
+
+
+class MindSporeKernels(Kernels):
+    """The MindSpore adapter's kernels: ``grouped_mm`` cuts the rows with one ``split`` instead of a slice per expert.
+
+    Why: MindSpore 2.10 compiles and keeps a kernel graph for every new (shape, start, stop) of a slice's gradient
+    (``StridedSliceGrad``, which has no cached fast path on CPU), and per-expert row counts change every step, so the
+    reference's ``x[start:start + n]`` made a training process grow without bound: an expert-parallel MoE training
+    loop on 2 ranks grew 0.77 MiB per step per rank, the single-process demo 3.5 MiB per step (measured: Python's heap
+    stayed flat; the growth went away with constant routing or with ``mindspore.ms_memory_recycle()``). A ``split``
+    (its gradient a concat) compiles nothing per shape: 0.11 MiB per step, and the step is about 20% faster.
+    """
+
+    def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
+        counts = [int(n) for n in num_tokens_per_expert]
+        live = [e for e, n in enumerate(counts) if n]  # empty experts are skipped, as in the reference
+        if (len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0
+                or not live):
+            return super().grouped_mm(x_NK, w_EKM, counts)  # raises on bad counts; zero rows: its connected zeros
+        w_E = w_EKM.unbind(0)
+        parts = mint.split(x_NK, [counts[e] for e in live]) if len(live) > 1 else (x_NK,)
+        outs = [part @ w_E[e] for part, e in zip(parts, live)]
+        return outs[0] if len(outs) == 1 else mint.cat(outs)
 
 
 class MindSporePlatform(Platform):
@@ -95,6 +265,7 @@ class MindSporePlatform(Platform):
             mindspore.set_device("CPU")
         self._store = None
         self._groups: set[str] = set()
+        self.kernels = MindSporeKernels(self)
 
     # ------------------------------------------------------------------ identity
     name = "mindspore"
@@ -121,6 +292,7 @@ class MindSporePlatform(Platform):
 
     # ------------------------------------------------------------------ process groups
     def _read_world_env(self) -> WorldEnv:
+        _refuse_second_world()  # before msrun's management.init() below, which would crash too
         if "RANK" in os.environ or "MS_ROLE" not in os.environ:
             return WorldEnv.from_environ()
         # msrun exports MS_WORKER_NUM / MS_SCHED_* rather than RANK / WORLD_SIZE, and without --node_rank its
@@ -138,17 +310,21 @@ class MindSporePlatform(Platform):
             mindspore.set_device(self._target, local_rank)
 
     def _init_process_group(self, env: WorldEnv, timeout_s: float) -> Any:
+        _refuse_second_world()
         if not management.GlobalComm.INITED:
             self._select_device(env.local_rank)
+            # mccl's collectives wait MS_CPU_COMM_OP_TIMEOUT seconds (default 30, whatever the init timeout says;
+            # measured: an all_reduce missing a peer fails after exactly that long), read when the world starts. A
+            # value the user set for MindSpore itself wins.
+            os.environ.setdefault("MS_CPU_COMM_OP_TIMEOUT", str(max(1, math.ceil(timeout_s))))
             if "MS_ROLE" in os.environ:
                 management.init()  # a scheduler process (msrun, or its env set by hand) runs the rendezvous
             else:
                 # torchrun-style env: a TCPStore hosted by rank 0 replaces msrun's scheduler process. Kept on self:
                 # rank 0 serves the store for the life of the job.
-                timeout = datetime.timedelta(seconds=timeout_s)
-                self._store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout)
-                management._init_with_store(backend=self.dist_backend, timeout=timeout, world_size=env.world_size,
-                                            rank=env.rank, store=self._store)
+                self._store = self._rendezvous_store(Rendezvous(env, timeout_s))
+                management._init_with_store(backend=self.dist_backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                            world_size=env.world_size, rank=env.rank, store=self._store)
         if management.get_rank() != env.rank:
             raise RuntimeError(f"MindSpore assigned rank {management.get_rank()} but the environment says {env.rank}")
         world = management.GlobalComm.WORLD_COMM_GROUP
@@ -159,6 +335,25 @@ class MindSporePlatform(Platform):
             _dist_impl._GROUP_SIZE_CACHE[name] = env.world_size
         self._barrier(Group(ranks=tuple(range(env.world_size)), native=world))
         return world
+
+    @staticmethod
+    def _rendezvous_store(rendezvous: Rendezvous) -> Any:
+        """Open the world's TCPStore after the start-up checks, and wait until every rank has joined it."""
+        env = rendezvous.env
+        if rendezvous.is_master:
+            # The store binds MASTER_ADDR itself (measured: 127.0.0.1 in /proc/net/tcp for a local launch, so it
+            # stays on loopback) but reports a busy port only as "Failed to initialize the master node": check first.
+            rendezvous.check_port(rendezvous.address)
+        else:
+            rendezvous.wait_for_master()
+        # host_name: the resolved address, as the store accepts IP addresses only. wait_for_workers=False: rank 0
+        # would otherwise wait in the constructor, silently, for the whole timeout if a rank never comes;
+        # Rendezvous.join waits instead, for the start-up timeout, and says who is missing.
+        store = rendezvous.open_store(lambda: dist.TCPStore(
+            rendezvous.address, env.master_port, env.world_size, rendezvous.is_master,
+            datetime.timedelta(seconds=rendezvous.timeout_s), wait_for_workers=False))
+        rendezvous.join(store)
+        return store
 
     def _new_group(self, ranks: tuple[int, ...], member: bool) -> Any:
         # Non-members that also create a group hang its members, so only members create it. The name is derived
@@ -171,7 +366,9 @@ class MindSporePlatform(Platform):
         return name
 
     def _destroy_process_group(self) -> None:
-        # MindSpore cannot join a new world in this process afterwards ("AllReduce failed" after re-init).
+        global _WORLD_DESTROYED
+        # Set first: even a destroy that fails half-way leaves a process that must not init again.
+        _WORLD_DESTROYED = True
         self._barrier(self._world)
         dist.destroy_process_group()
         self._groups.clear()
@@ -189,12 +386,14 @@ class MindSporePlatform(Platform):
         return self._target != "CPU"
 
     def _all_reduce(self, x, op: str, group: Group):
+        _refuse_capture("all_reduce", x)
         out = _copy(x)
         if out.size:  # every member holds the same shape, so all of them skip an empty reduction together
             dist.all_reduce(out, op, group.native)
         return out
 
     def _all_gather_into_tensor(self, x, group: Group):
+        _refuse_capture("all_gather_into_tensor", x)
         out_shape = (x.shape[0] * group.size, *x.shape[1:])
         if not x.size:
             return ops.zeros(out_shape, x.dtype)
@@ -207,6 +406,7 @@ class MindSporePlatform(Platform):
         return mint.cat(parts)
 
     def _reduce_scatter_tensor(self, x, op: str, group: Group):
+        _refuse_capture("reduce_scatter_tensor", x)
         rows = x.shape[0] // group.size
         if self._native_kernels and x.size:
             out = mint.empty((rows, *x.shape[1:]), dtype=x.dtype)
@@ -217,6 +417,7 @@ class MindSporePlatform(Platform):
         return _copy(self._all_reduce(x, op, group)[start:start + rows])
 
     def _all_to_all_single(self, x, output_shape, input_splits, output_splits, group: Group, async_op: bool):
+        _refuse_capture("all_to_all_single", x)
         if self._native_kernels:
             out = mint.empty(output_shape, dtype=x.dtype)
             work = dist.all_to_all_single(out, x, output_splits, input_splits, group.native, async_op)
@@ -245,6 +446,7 @@ class MindSporePlatform(Platform):
         return (mint.cat(parts) if parts else ops.zeros(output_shape, x.dtype)), None
 
     def _broadcast(self, x, src: int, group: Group):
+        _refuse_capture("broadcast", x)
         out = _copy(x)
         if out.size:
             dist.broadcast(out, src, group.native)
@@ -252,7 +454,14 @@ class MindSporePlatform(Platform):
 
     # ------------------------------------------------------------------ autograd
     def autograd_function(self, forward: Callable, backward: Callable) -> Callable:
-        return lambda x: _ClosureFunction.apply(x, forward, backward)
+        def op(x):
+            # Both checks run before anything is sent, on every rank alike: no rank is left waiting in a collective.
+            _refuse_capture("autograd_function", x)
+            if x.dtype == mindspore.bfloat16 and self._target == "CPU":
+                raise TypeError(_BF16_ON_CPU)
+            return _ClosureFunction.apply(x, forward, backward)
+
+        return op
 
     def value_and_grad(self, fn: Callable, inputs: Sequence, params: Sequence = ()) -> tuple:
         inputs, params = tuple(inputs), list(params)
@@ -298,6 +507,7 @@ class MindSporePlatform(Platform):
         return mindspore.Tensor(data, dtype=self.dtype(dtype))
 
     def _tolist(self, x) -> list:
+        _refuse_capture("tolist (the host sync)", x)  # a captured host sync is a constant of the graph
         # numpy has no bfloat16: asnumpy() refuses it, float32 holds every bfloat16 value exactly.
         if x.dtype == mindspore.bfloat16:
             x = x.astype(mindspore.float32)
@@ -322,6 +532,8 @@ class MindSporePlatform(Platform):
         np.random.seed(seed)
 
     def profile_range(self, name: str):
+        # Every layer opens its ranges first: a captured layer is refused here, before any of its work is traced.
+        _refuse_capture(name)
         # MindSpore's host-side range (what mindspore.profiler.Profiler records around Python code); its public
         # export is missing in 2.10, the class lives in profiler.common.
         return RecordFunction(name)

@@ -20,6 +20,7 @@ so a dispatch keeps exactly one device-to-host sync (its ``tolist``).
 from __future__ import annotations
 
 import datetime
+import inspect
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from hyper_parallel.kernels import Kernels
-from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, WorldEnv
+from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, Rendezvous, WorldEnv
 from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests and benchmarks reach them here
     PERMUTE_SLOTS_IMPLS,
     PINNED_COPY_MAX_BYTES,
@@ -143,6 +144,9 @@ class TorchPlatform(Platform):
         super().__init__()
         self._device = torch.device("cpu")
         self.kernels = TorchKernels(self)
+        self._store: dist.TCPStore | None = None  # the rendezvous store, kept for re-created worlds
+        self._store_key: tuple | None = None
+        self._worlds_joined = 0
 
     # ------------------------------------------------------------------ identity
     name = "torch"
@@ -181,11 +185,18 @@ class TorchPlatform(Platform):
         self._select_device(env)
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            rendezvous = Rendezvous(env, timeout_s, generation=self._worlds_joined)
+            self._worlds_joined += 1
+            store = self._rendezvous_store(rendezvous)
+            rendezvous.join(store)
+            # Start-up is checked: from here on the store waits as long as a collective may.
+            store.set_timeout(datetime.timedelta(seconds=timeout_s))
             # NCCL: binding the device makes the communicator eager and bound to it (no guessing from the rank)
             bound = {"device_id": self._device} if self._device.type == "cuda" else {}
             dist.init_process_group(
                 backend=self.dist_backend,
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                # each world of this process under its own keys (see _rendezvous_store)
+                store=dist.PrefixStore(f"hyper_parallel/world/{rendezvous.namespace}", store),
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
@@ -193,9 +204,46 @@ class TorchPlatform(Platform):
             )
         return dist.group.WORLD
 
+    def _rendezvous_store(self, rendezvous: Rendezvous) -> dist.TCPStore:
+        """The world's TCPStore, created once per process and address, and kept across destroy_process_group.
+
+        Kept because a world re-created in this process must not read the keys of the previous one: with torch's
+        own ``tcp://`` init, rank 0 shares one store server per port inside a process (multi-tenant) and it
+        outlives ``destroy_process_group`` while anything (an old mesh) holds the old groups, so the second world's
+        gloo read the first world's peer addresses and failed connecting to closed ports (or hung). Here every world
+        uses the same store under its own prefix.
+        """
+        env = rendezvous.env
+        key = (rendezvous.address, env.master_port, env.world_size, env.rank, env.agent_store)
+        if self._store is not None and self._store_key == key:
+            return self._store
+        timeout = datetime.timedelta(seconds=rendezvous.start_timeout_s)  # reaching the store is part of start-up
+        if rendezvous.is_master:
+            # torch's TCPStore listens on every interface whatever host_name says (measured with torch 2.13, libuv
+            # and legacy servers alike: '::' in /proc/net/tcp6 for host_name='127.0.0.1'); only a socket bound here
+            # and handed over as master_listen_fd keeps a local launch's store on loopback. Binding here also
+            # turns a busy port into an error naming MASTER_PORT. The store owns (and closes) the fd from here on.
+            fd = rendezvous.listen_socket().detach()
+        else:
+            fd = None
+            rendezvous.wait_for_master()
+        store = rendezvous.open_store(lambda: dist.TCPStore(
+            rendezvous.address, env.master_port, env.world_size, rendezvous.is_master, timeout,
+            wait_for_workers=False, master_listen_fd=fd))
+        self._store, self._store_key = store, key
+        return store
+
     def _new_group(self, ranks: tuple[int, ...], member: bool) -> Any:
-        # torch wants every rank to take part in creating every group.
-        return dist.new_group(list(ranks))
+        # torch wants every rank to take part in creating every group. It orders a group's members by global rank
+        # unless told not to, while the contract's group-rank order is the order given (a mesh [1, 0] must gather
+        # rank 1's data first): keep the order where torch can, refuse where it cannot (older torch).
+        if list(ranks) == sorted(ranks):
+            return dist.new_group(list(ranks))
+        if "sort_ranks" not in inspect.signature(dist.new_group).parameters:
+            raise ValueError(f"new_group: torch {torch.__version__} orders a group's members by global rank, so a "
+                             f"group over ranks {list(ranks)} (in that order) cannot be made; list them ascending, "
+                             "or use torch >= 2.6")
+        return dist.new_group(list(ranks), sort_ranks=False)
 
     def _destroy_process_group(self) -> None:
         if dist.is_initialized():
@@ -316,6 +364,12 @@ class TorchPlatform(Platform):
         param = torch.nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad)
         setattr(module, name, param)
         return param
+
+    def register_sharded_state_dict(self, module) -> None:
+        # Imported here: the DCP bridge pulls in torch.distributed.tensor, which only sharded models need.
+        from hyper_parallel.integrations.torch_dcp import register_state_dict_hooks
+
+        register_state_dict_hooks(module)
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

@@ -40,3 +40,28 @@ def test_experts_built_differently_are_refused_on_every_rank(worlds, backend):
     assert messages[0] == messages[1], messages
     assert messages[0].startswith("ExpertParallel: the experts must be built the same on every rank of the mesh")
     assert "rank 0: w1 [4, 8, 6] float32" in messages[0] and "rank 1: w1 [6, 8, 6] float32" in messages[0]
+
+
+def test_etp_tp_line_with_different_tokens_is_detected_in_check_mode(worlds, backend):
+    messages = worlds.run(backend, 4, fc.etp_tp_line_with_different_tokens, timeout_s=60)
+    assert all(m == messages[0] for m in messages), messages
+    assert messages[0].startswith("ExpertTensorParallel needs the same routed tokens on every rank of a tp line")
+    assert "rank 0: 4 rows" in messages[0] and "rank 2" not in messages[0], messages[0]
+
+
+DISAGREEMENTS = {
+    "splits": "rank 0 sends 2 rows to rank 1, which expects 1",
+    "dtype": "rank 1 sends int32 where rank 0 sends float32",
+    "collective": "rank 1 calls broadcast where rank 0 calls all_reduce",
+    "shape": "rank 1's tensor has 2 dims, 3 rows of 3 values; rank 0's 2 dims, 2 rows of 3",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DISAGREEMENTS))
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_disagreeing_collectives_raise_everywhere_in_check_mode(worlds, backend, nproc, kind):
+    messages = worlds.run(backend, nproc, fc.disagreeing_collective, kind, timeout_s=60)
+    assert all(m == messages[0] for m in messages), messages
+    assert messages[0].startswith(f"HYPER_PARALLEL_CHECK_COLLECTIVES=1: the ranks of group {list(range(nproc))} "
+                                  "disagree on a collective: ")
+    assert DISAGREEMENTS[kind] in messages[0], messages[0]

@@ -288,6 +288,72 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
     assert elapsed < QUICK_S
 
 
+# ---------------------------------------------------------------- (e2) SIGKILL to the launcher
+def test_sigkill_to_the_launcher_leaves_no_rank_behind(tmp_path):
+    """A SIGKILLed launcher cannot clean up: the kernel's parent-death signal stops the ranks, and the launcher's
+    watchdog their process groups (the grandchildren)."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "hyper_parallel.launch", "--nproc", "2", str(_orphan_script(tmp_path)), str(pid_dir),
+         "sleep"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_files(pid_dir, "*.json", 2)
+        launcher.kill()
+        launcher.wait(QUICK_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == -signal.SIGKILL
+    _gone(_recorded_pids(pid_dir, 2), within_s=5.0)
+
+
+def test_parent_death_signal_stops_a_child_when_its_parent_is_sigkilled():
+    """The kernel's half of the above, alone: no watchdog, and the child shares its parent's process group."""
+    code = ("import subprocess, time; from hyper_parallel.launch import parent_death_signal; "
+            "child = subprocess.Popen(['sleep', '300'], preexec_fn=parent_death_signal()); "
+            f"print(child.pid, flush=True); time.sleep({SLEEP_FOREVER_S})")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    _gone([child], within_s=5.0)
+
+
+# ---------------------------------------------------------------- (e3) the ranks' process-group timeouts
+def test_pg_and_start_timeouts_reach_every_rank(tmp_path):
+    script = _script(tmp_path, "timeouts.py", """
+        import json, os
+        print("ENV " + json.dumps({k: os.environ.get(k) for k in ("HYPER_PARALLEL_TIMEOUT",
+                                                                  "HYPER_PARALLEL_START_TIMEOUT")}))
+    """)
+    proc, _ = _launch("--nproc", 2, "--pg-timeout", 7.5, "--start-timeout", 20, script)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = _reports(proc.stdout)
+    assert reports == {r: {"HYPER_PARALLEL_TIMEOUT": "7.5", "HYPER_PARALLEL_START_TIMEOUT": "20"} for r in (0, 1)}
+
+
+def test_launcher_refuses_bad_timeouts_before_starting_anything(tmp_path, capsys, monkeypatch):
+    script = _script(tmp_path, "never.py", "raise SystemExit('a rank was started')\n")
+    monkeypatch.delenv("HYPER_PARALLEL_START_TIMEOUT", raising=False)
+    monkeypatch.setenv("HYPER_PARALLEL_TIMEOUT", "soon")  # inherited by the ranks: checked once, here
+    assert launch.main(["--nproc", "2", str(script)]) == 2
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", "hyper_parallel.launch: error: HYPER_PARALLEL_TIMEOUT must be a positive, "
+                                      "finite number of seconds (such as 600), got 'soon'\n")
+    # the flag replaces the variable, and is checked itself
+    assert launch.main(["--nproc", "2", "--pg-timeout", "0", str(script)]) == 2
+    assert capsys.readouterr().err == ("hyper_parallel.launch: error: --pg-timeout must be a positive, finite number "
+                                       "of seconds, got 0.0\n")
+    monkeypatch.delenv("HYPER_PARALLEL_TIMEOUT")
+    assert launch.main(["--nproc", "2", "--start-timeout", "-1", str(script)]) == 2
+    assert capsys.readouterr().err == ("hyper_parallel.launch: error: --start-timeout must be a positive, finite "
+                                       "number of seconds, got -1.0\n")
+
+
 # ---------------------------------------------------------------- (f) bad input
 def test_cli_rejects_nproc_zero(tmp_path):
     proc, _ = _launch("--nproc", 0, _env_script(tmp_path))

@@ -58,6 +58,7 @@ def distribute_parameter(module, name: str, device_mesh: DeviceMesh, placements:
     specs[name] = spec
     object.__setattr__(module, _MODULE_SPECS_ATTR, specs)  # a plain attribute on every framework's module
     setattr(param, _SPEC_ATTR, spec)
+    p.register_sharded_state_dict(module)  # checkpoints see the layout, not a plain tensor taken as replicated
     return param
 
 

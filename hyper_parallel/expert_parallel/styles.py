@@ -19,6 +19,7 @@ import abc
 import functools
 import logging
 
+from hyper_parallel import collective_checks
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.dtensor import DTensor
@@ -230,9 +231,10 @@ class TensorParallel(BaseExpertParallel):
 class ExpertTensorParallel(BaseExpertParallel):
     """Experts split over ``mesh["ep"]`` and each expert's hidden dimension over ``mesh["tp"]``.
 
-    The ranks of one ``tp`` line must hold the same routed tokens (as after a tensor-parallel attention block).
-    By default the output equals the single-device output on every rank; ``partial_output=True`` leaves it a
-    partial sum over ``tp`` for fusion with a following reduction.
+    The ranks of one ``tp`` line must hold the same routed tokens (as after a tensor-parallel attention block);
+    ``HYPER_PARALLEL_CHECK_COLLECTIVES=1`` checks it at every dispatch (one small all-gather over the mesh). By
+    default the output equals the single-device output on every rank; ``partial_output=True`` leaves it a partial
+    sum over ``tp`` for fusion with a following reduction.
     """
 
     def __init__(self, *, align: int = 1, partial_output: bool = False):
@@ -255,6 +257,9 @@ class ExpertTensorParallel(BaseExpertParallel):
             distribute_parameter(module, "w2", mesh, [Shard(0), Shard(2)])
 
     def dispatch(self, routed_input, num_tokens_per_expert, device_mesh, *, async_op=False, num_experts=None):
+        if collective_checks.enabled():
+            collective_checks.check_same_tokens(get_platform(), routed_input, num_tokens_per_expert,
+                                                device_mesh["ep", "tp"])
         pending = token_dispatch(routed_input, num_tokens_per_expert, device_mesh["ep"].get_group(),
                                  num_experts=num_experts,
                                  align=self.align, async_op=True)

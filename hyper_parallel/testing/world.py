@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hyper_parallel.launch import free_port, stop_process_tree, world_env
+from hyper_parallel.platform import START_TIMEOUT_ENV_VAR
 
 
 class RankError(AssertionError):
@@ -63,6 +64,8 @@ class World:
         port = free_port()
         for rank in range(self.nproc):
             env = world_env(rank, self.nproc, port, self.backend)
+            # The workers' start-up check waits as long as this harness does (a user's own setting wins).
+            env.setdefault(START_TIMEOUT_ENV_VAR, f"{self.start_timeout_s:g}")
             env["HYPER_PARALLEL_WORKER_ADDRESS"] = f"{listener.address[0]}:{listener.address[1]}"
             env["HYPER_PARALLEL_WORKER_AUTHKEY"] = authkey.hex()
             if self.platform_class:

@@ -109,3 +109,74 @@ def experts_built_differently() -> str:
         raise AssertionError("no error for experts built differently")
     assert p.tolist(p.all_reduce(p.tensor([1.0]))) == [float(world)]
     return message
+
+
+def _checks_on():
+    import os
+
+    from hyper_parallel.collective_checks import ENV_VAR
+
+    class _On:
+        def __enter__(self):
+            os.environ[ENV_VAR] = "1"
+
+        def __exit__(self, *exc):
+            os.environ.pop(ENV_VAR, None)
+
+    return _On()
+
+
+def etp_tp_line_with_different_tokens() -> str:
+    """ETP 2x2 where one tp line's ranks hold different tokens: with the checks on, every rank raises."""
+    from hyper_parallel import ExpertTensorParallel
+
+    p = get_platform()
+    rank, world = p.get_rank(), p.get_world_size()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ep", "tp"))
+    experts = moe.GroupedExperts(dim=D, hidden_dim=8, num_experts=4, init_std=0.5, seed=0)
+    style = ExpertTensorParallel()
+    style.apply(experts, mesh)
+    # the ep line of rank 1 gets rank-dependent tokens: tp line (0, 1) disagrees, line (2, 3) agrees
+    value = 1.0 + (rank if rank < 2 else 0)
+    x = p.tensor(np.full((4, D), value).tolist())
+    with _checks_on():
+        try:
+            style.dispatch(x, p.tensor([1, 1, 1, 1], dtype="int64"), mesh, num_experts=4)
+        except ValueError as e:
+            message = str(e)
+        else:
+            raise AssertionError(f"rank {rank}: different tokens on a tp line were not detected")
+    assert p.tolist(p.all_reduce(p.tensor([1.0]))) == [float(world)]
+    return message
+
+
+def disagreeing_collective(kind: str) -> str:
+    """Raw collectives that disagree across ranks, with HYPER_PARALLEL_CHECK_COLLECTIVES=1: the same ValueError on
+    every rank instead of garbage, an abort or a hang."""
+    p = get_platform()
+    rank, world = p.get_rank(), p.get_world_size()
+    with _checks_on():
+        try:
+            if kind == "splits":  # rank 0 sends 2 rows to rank 1, which expects 1
+                send = [1] * world
+                recv = [1] * world
+                if rank == 0:
+                    send[1] = 2
+                x = p.zeros((sum(send), 3))
+                p.all_to_all_single(x, output_split_sizes=recv, input_split_sizes=send)
+            elif kind == "dtype":
+                p.all_reduce(p.zeros((2,), dtype="int32" if rank == 1 else "float32"))
+            elif kind == "collective":
+                x = p.zeros((2,))
+                p.broadcast(x, src=0) if rank == 1 else p.all_reduce(x)
+            elif kind == "shape":
+                p.all_gather_into_tensor(p.zeros((2 + (rank == 1), 3)))
+        except ValueError as e:
+            message = str(e)
+        else:
+            raise AssertionError(f"rank {rank}: {kind} disagreement not detected")
+    # checks off again: the world works, and an agreeing collective runs with no descriptor exchange
+    with p.count_calls() as calls:
+        assert p.tolist(p.all_reduce(p.tensor([1.0]))) == [float(world)]
+    assert dict(calls) == {"all_reduce": 1, "host_sync": 1}, dict(calls)
+    return message

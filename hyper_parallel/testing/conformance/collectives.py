@@ -101,6 +101,28 @@ def mesh_groups_2x2():
     return True
 
 
+def group_order():
+    """A group's rank order is the order its ranks were given, also when it is not ascending: a group over the
+    world in reverse order gathers the last rank's rows first and scatters its first slice to the last rank."""
+    p = _p()
+    rank, world = p.get_rank(), p.get_world_size()
+    order = list(reversed(range(world)))
+    group = p.new_group(order)
+    me = p.group_rank(group)
+    assert me == world - 1 - rank and p.group_ranks(group) == order, (me, p.group_ranks(group))
+    x = _rows(np.array([rank + 1.0]), "float32")
+    _close(p.tolist(p.all_gather_into_tensor(x, group=group)), [[r + 1.0] * 3 for r in order], "float32",
+           "gather in the group's order")
+    full = _rows(np.arange(world, dtype=np.float64) + 10.0 * rank, "float32")
+    want = [[sum(10.0 * r for r in range(world)) + world * me] * 3]
+    _close(p.tolist(p.reduce_scatter_tensor(full, group=group)), want, "float32", "scatter in the group's order")
+    # member i sends one row to member j holding 10*i + j
+    sent = _rows(np.array([10.0 * me + j for j in range(world)]), "float32")
+    out, _ = p.all_to_all_single(sent, output_split_sizes=[1] * world, input_split_sizes=[1] * world, group=group)
+    _close(p.tolist(out), [[10.0 * i + me] * 3 for i in range(world)], "float32", "all_to_all in the group's order")
+    return True
+
+
 # ---------------------------------------------------------------- collectives
 def all_reduce(dtype: str):
     """``all_reduce`` with sum, max and (floating dtypes) avg; the input stays unchanged."""

@@ -101,6 +101,7 @@ def conformance_cases() -> list[Case]:
     cases += [Case(f"all_to_all_single_async/{pattern}", c.all_to_all, (pattern, "float32", True))
               for pattern in ("uneven", "partly_zero")]
     cases.append(Case("mesh_groups_2x2", c.mesh_groups_2x2, world_sizes=(4,)))
+    cases.append(Case("group_order", c.group_order))
     cases.append(Case("gradients", c.gradients))
     cases += [Case(f"local/{fn.__name__}", fn)
               for fn in (local.factories, local.count_calls, local.value_and_grad_with_params, local.hooks,
