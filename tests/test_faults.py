@@ -65,3 +65,10 @@ def test_disagreeing_collectives_raise_everywhere_in_check_mode(worlds, backend,
     assert messages[0].startswith(f"HYPER_PARALLEL_CHECK_COLLECTIVES=1: the ranks of group {list(range(nproc))} "
                                   "disagree on a collective: ")
     assert DISAGREEMENTS[kind] in messages[0], messages[0]
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_tokens_of_another_dtype_than_the_experts_fail_on_every_rank(worlds, backend, nproc):
+    messages = worlds.run(backend, nproc, fc.tokens_of_another_dtype_than_the_experts, timeout_s=60)
+    assert all(m == "GroupedExperts: the routed tokens are float16 but the experts' weights are float32; cast the "
+                    "tokens or the layer so they match" for m in messages), messages

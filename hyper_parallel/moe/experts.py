@@ -62,7 +62,14 @@ class GroupedExpertsMixin:
         ``dispatch`` is the metadata an expert-parallel style's dispatch attaches for its combine; the experts
         ignore it.
         """
+        p = get_platform()
+        if routed_input.dtype != self.w1.dtype:
+            # checked on every rank, rows or not: a rank that received no rows would otherwise skip the failing
+            # matmul and wait in the combine for peers that raised
+            raise TypeError(f"GroupedExperts: the routed tokens are {p.dtype_name(routed_input.dtype)} but the "
+                            f"experts' weights are {p.dtype_name(self.w1.dtype)}; cast the tokens or the layer so "
+                            "they match")
         counts = num_tokens_per_expert
         if not isinstance(counts, (list, tuple)):
-            counts = get_platform().tolist(counts)
+            counts = p.tolist(counts)
         return swiglu_experts(routed_input, counts, self.w1, self.w2, self.w3)

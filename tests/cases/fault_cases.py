@@ -180,3 +180,22 @@ def disagreeing_collective(kind: str) -> str:
         assert p.tolist(p.all_reduce(p.tensor([1.0]))) == [float(world)]
     assert dict(calls) == {"all_reduce": 1, "host_sync": 1}, dict(calls)
     return message
+
+
+def tokens_of_another_dtype_than_the_experts() -> str:
+    """float16 tokens into float32 experts under EP, with some ranks receiving no rows: every rank raises the same
+    TypeError in the experts (none is left waiting in the combine)."""
+    p = get_platform()
+    world = p.get_world_size()
+    experts = moe.GroupedExperts(dim=D, hidden_dim=8, num_experts=2 * world, init_std=0.5, seed=0)
+    ExpertParallel().apply(experts, _ep_mesh())
+    counts = [3, 1] + [0] * (2 * world - 2)  # only rank 0's experts get rows
+    x = p.tensor(np.ones((4, D)).tolist(), dtype="float16")
+    try:
+        experts(x, p.tensor(counts, dtype="int64"))
+    except TypeError as e:
+        message = str(e)
+    else:
+        raise AssertionError("float16 tokens into float32 experts were accepted")
+    assert p.tolist(p.all_reduce(p.tensor([1.0]))) == [float(world)]
+    return message
