@@ -14,6 +14,7 @@ from hyper_parallel.dtensor import (
     Placement,
     Replicate,
     Shard,
+    StridedShard,
     distribute_module,
     distribute_parameter,
     distribute_tensor,
@@ -22,7 +23,14 @@ from hyper_parallel.dtensor import (
     init_device_mesh,
     named_parameter_specs,
 )
-from hyper_parallel.expert_parallel import BaseExpertParallel, ExpertParallel, ExpertTensorParallel, TensorParallel
+from hyper_parallel.expert_parallel import (
+    BaseExpertParallel,
+    ExpertParallel,
+    ExpertsLayout,
+    ExpertTensorParallel,
+    ExpertWeight,
+    TensorParallel,
+)
 from hyper_parallel.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -43,10 +51,10 @@ except ValueError as _e:
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (setuptools dynamic)
 
 __all__ = [
-    "BaseExpertParallel", "ExpertParallel", "ExpertTensorParallel", "TensorParallel",
+    "BaseExpertParallel", "ExpertParallel", "ExpertTensorParallel", "TensorParallel", "ExpertsLayout", "ExpertWeight",
     "ENV_VAR", "ColwiseParallel", "DTensor", "DeviceMesh", "Group", "Handle", "ParallelStyle", "ParameterSpec",
     "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
-    "Shard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",
+    "Shard", "StridedShard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",
     "full_parameter", "get_parameter_spec", "get_platform", "init_device_mesh", "named_parameter_specs",
     "parallelize_module", "__version__",
 ]

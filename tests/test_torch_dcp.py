@@ -38,3 +38,14 @@ def test_plain_local_shards_are_what_dcp_loses(worlds, backend, tmp_path):
 @pytest.mark.parametrize("nproc,style", [(2, "ep"), (4, "etp")])
 def test_state_dict_torch_save_and_load_state_dict(worlds, backend, nproc, style):
     worlds.run(backend, nproc, dc.state_dict_round_trips, style)
+
+
+@pytest.mark.parametrize("nproc,style", [(2, "tp"), (4, "etp")])
+def test_strided_shard_state_dict_is_refused_not_wrong(worlds, backend, tmp_path, nproc, style):
+    worlds.run(backend, nproc, dc.strided_state_dict_refused, style, str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_torch_describes_strided_shards_as_one_wrong_block(worlds, backend, nproc):
+    # the reason for the refusal above, checked against the installed torch
+    worlds.run(backend, nproc, dc.torch_misplaces_strided_shards)

@@ -10,8 +10,8 @@ from hyper_parallel.dtensor.module import (
     get_parameter_spec,
     named_parameter_specs,
 )
-from hyper_parallel.dtensor.placement import Partial, Placement, Replicate, Shard
+from hyper_parallel.dtensor.placement import Partial, Placement, Replicate, Shard, StridedShard
 
-__all__ = ["DTensor", "DeviceMesh", "ParameterSpec", "Partial", "Placement", "Replicate", "Shard",
+__all__ = ["DTensor", "DeviceMesh", "ParameterSpec", "Partial", "Placement", "Replicate", "Shard", "StridedShard",
            "distribute_module", "distribute_parameter", "distribute_tensor", "full_parameter", "get_parameter_spec",
            "init_device_mesh", "named_parameter_specs"]

@@ -11,18 +11,25 @@ framework-neutral): arithmetic happens on ``to_local()`` tensors, and layouts ch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
-from hyper_parallel.dtensor._redistribute import grad_placements_of, local_shape, redistribute, redistribute_local
+from hyper_parallel.dtensor._redistribute import (
+    check_placements_fit,
+    grad_placements_of,
+    local_shape,
+    redistribute,
+    redistribute_local,
+)
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
-from hyper_parallel.dtensor.placement import Placement, Replicate, Shard
+from hyper_parallel.dtensor.placement import Placement, Replicate
 
 __all__ = ["DTensor", "distribute_tensor"]
 
 
 def normalize_placements(placements: Sequence[Placement], mesh: DeviceMesh, ndim: int) -> tuple[Placement, ...]:
-    """Check ``placements`` against ``mesh`` and a tensor of ``ndim`` dims; make Shard dims non-negative.
+    """Check ``placements`` against ``mesh`` and a tensor of ``ndim`` dims; make (Strided)Shard dims non-negative.
 
     Raises:
         ValueError: wrong length, Shard dim out of range, or one tensor dim sharded on two mesh axes.
@@ -35,14 +42,14 @@ def normalize_placements(placements: Sequence[Placement], mesh: DeviceMesh, ndim
     out = []
     for p in placements:
         if not isinstance(p, Placement):
-            raise TypeError(f"placements must be Shard/Replicate/Partial, got {p!r}")
-        if p.is_shard():
+            raise TypeError(f"placements must be Placement objects (Shard, StridedShard, Replicate, Partial), got "
+                            f"{p!r}")
+        if p.is_shard_like():
             if not -ndim <= p.dim < ndim:
-                raise ValueError(f"Shard(dim={p.dim}) is out of range for a {ndim}-D tensor; valid dims: "
-                                 f"[{-ndim}, {ndim})")
-            p = Shard(p.dim % ndim)
+                raise ValueError(f"{p} is out of range for a {ndim}-D tensor; valid dims: [{-ndim}, {ndim})")
+            p = dataclasses.replace(p, dim=p.dim % ndim)
         out.append(p)
-    dims = [p.dim for p in out if p.is_shard()]
+    dims = [p.dim for p in out if p.is_shard_like()]
     if len(dims) != len(set(dims)):
         raise ValueError(f"each tensor dim may be sharded on one mesh axis only, got {out}")
     return tuple(out)
@@ -63,14 +70,18 @@ class DTensor:
         """Wrap this rank's shard. No communication.
 
         Args:
-            shape: the global shape; needed for uneven shards. Without it, every Shard dim is taken to be even
-                (local size times the axis size), as torch does.
+            shape: the global shape; needed for uneven shards. Without it, every Shard (and StridedShard) dim is
+                taken to be even (local size times the axis size), as torch does.
+
+        Raises:
+            ValueError: bad placements (see ``normalize_placements``), a ``StridedShard`` that does not divide its
+                dim, or a local shape that is not this rank's shard of ``shape``.
         """
         placements = normalize_placements(placements, device_mesh, len(local.shape))
         if shape is None:
             shape = list(local.shape)
             for axis, p in enumerate(placements):
-                if p.is_shard():
+                if p.is_shard_like():
                     shape[p.dim] *= device_mesh.size(axis)
         shape = tuple(int(s) for s in shape)
         expected = local_shape(shape, device_mesh, placements)
@@ -101,6 +112,7 @@ class DTensor:
             raise ValueError(f"redistribute across meshes is not supported: {self.device_mesh} -> {mesh}")
         placements = normalize_placements(placements if placements is not None else self.placements, mesh,
                                           len(self.shape))
+        check_placements_fit(self.shape, mesh, placements)
         local = redistribute(self._local, mesh, self.placements, placements, self.shape)
         return DTensor(local, mesh, placements, self.shape)
 
@@ -134,10 +146,12 @@ def distribute_tensor(tensor, device_mesh: DeviceMesh, placements: Sequence[Plac
     Partial placements put the value on the first rank of the axis and zeros on the others.
 
     Raises:
-        ValueError: ``src_data_rank`` is not a group rank of every mesh axis.
+        ValueError: ``src_data_rank`` is not a group rank of every mesh axis, or a ``StridedShard`` does not divide
+            its dim (checked before any communication).
     """
     p = get_platform()
     placements = normalize_placements(placements, device_mesh, len(tensor.shape))
+    check_placements_fit(tuple(tensor.shape), device_mesh, placements)
     if src_data_rank is not None:
         if not 0 <= src_data_rank < min(device_mesh.shape):
             raise ValueError(f"src_data_rank must be a group rank of every mesh axis, in [0, "

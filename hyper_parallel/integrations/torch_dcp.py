@@ -14,6 +14,11 @@ the expert shards come back from the wrong rank without any error (issue 11). Th
 * ``model.load_state_dict(sd)`` accepts those DTensors (after checking that their layout is this model's: it copies
   local shards, it does not reshard) as well as plain local shards, as before.
 
+A parameter laid out with ``StridedShard`` has no such DTensor: DCP describes each rank's shard as ONE block at one
+global offset, and a strided shard is ``split_factor`` blocks (torch's ``_StridedShard`` gets the first block's
+offset, so DCP would fail on overlapping chunks or write rows to the wrong places). ``state_dict`` raises a
+``ValueError`` for it rather than return a checkpoint that is silently wrong.
+
 The torch meshes are made from the process groups our :class:`~hyper_parallel.dtensor.device_mesh.DeviceMesh`
 already has (``DeviceMesh.from_group``; no group is created), once per mesh and process.
 
@@ -38,11 +43,17 @@ from torch.distributed.tensor import Partial as TorchPartial
 from torch.distributed.tensor import Replicate as TorchReplicate
 from torch.distributed.tensor import Shard as TorchShard
 
+try:  # private in torch; only StridedShard layouts need it
+    from torch.distributed.tensor.placement_types import _StridedShard as TorchStridedShard
+except ImportError:  # pragma: no cover - a torch without it
+    TorchStridedShard = None
+
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.module import ParameterSpec, module_parameter_spec
-from hyper_parallel.dtensor.placement import Partial, Replicate, Shard, chunk_sizes
+from hyper_parallel.dtensor.placement import Partial, Replicate, Shard, StridedShard, chunk_sizes
 
-__all__ = ["local_shape", "register_state_dict_hooks", "to_torch_dtensor", "torch_device_mesh", "torch_placements"]
+__all__ = ["check_dcp_expressible", "local_shape", "register_state_dict_hooks", "to_torch_dtensor", "torch_device_mesh",
+           "torch_placements"]
 
 _HOOKS_ATTR = "_hyper_parallel_dcp_hooks"
 # (device type, ranks, shape, axis names, our Group of each axis) -> torch mesh. Our Groups compare by identity, so
@@ -95,7 +106,8 @@ def torch_device_mesh(mesh: DeviceMesh, device_type: str) -> TorchDeviceMesh:
 
 
 def torch_placements(placements, ndim: int) -> tuple:
-    """Our placements as torch's (same meaning: ``Shard`` splits as ``torch.chunk`` does in both).
+    """Our placements as torch's (same meaning: ``Shard`` splits as ``torch.chunk`` does in both; ``StridedShard``
+    is torch's ``_StridedShard`` with the same ``split_factor``, which DCP cannot save: see :func:`to_torch_dtensor`).
 
     Args:
         placements: one of ours per mesh axis.
@@ -105,12 +117,17 @@ def torch_placements(placements, ndim: int) -> tuple:
     for pl in placements:
         if isinstance(pl, Shard):
             out.append(TorchShard(pl.dim % ndim if ndim else pl.dim))
+        elif isinstance(pl, StridedShard):
+            if TorchStridedShard is None:
+                raise TypeError(f"no torch placement for {pl!r}: this torch ({torch.__version__}) has no "
+                                "torch.distributed.tensor.placement_types._StridedShard")
+            out.append(TorchStridedShard(pl.dim % ndim if ndim else pl.dim, split_factor=pl.split_factor))
         elif isinstance(pl, Replicate):
             out.append(TorchReplicate())
         elif isinstance(pl, Partial):
             out.append(TorchPartial(pl.reduce_op))
         else:
-            raise TypeError(f"no torch placement for {pl!r}; expected Shard, Replicate or Partial")
+            raise TypeError(f"no torch placement for {pl!r}; expected Shard, StridedShard, Replicate or Partial")
     return tuple(out)
 
 
@@ -121,15 +138,39 @@ def local_shape(spec: ParameterSpec) -> tuple[int, ...]:
         if isinstance(pl, Shard):
             dim = pl.dim % len(shape)
             shape[dim] = chunk_sizes(shape[dim], spec.device_mesh.size(axis))[spec.device_mesh.get_local_rank(axis)]
+        elif isinstance(pl, StridedShard):  # even by construction (the dim is divisible by split_factor * n)
+            dim = pl.dim % len(shape)
+            shape[dim] //= spec.device_mesh.size(axis)
     return tuple(shape)
+
+
+def check_dcp_expressible(spec: ParameterSpec) -> None:
+    """Refuse a layout that a torch DTensor in a DCP checkpoint cannot describe truthfully.
+
+    Raises:
+        ValueError: the layout has a ``StridedShard`` (DCP records one contiguous block per shard).
+    """
+    strided = [(axis, pl) for axis, pl in enumerate(spec.placements) if isinstance(pl, StridedShard)]
+    if not strided:
+        return
+    names = spec.device_mesh.mesh_dim_names or tuple(str(a) for a in range(spec.device_mesh.ndim))
+    where = ", ".join(f"{pl} on mesh axis {names[axis]!r}" for axis, pl in strided)
+    raise ValueError(
+        f"torch.distributed.checkpoint cannot express this layout ({where}; {_describe_spec(spec)}): DCP records each "
+        "rank's shard as one contiguous block at one global offset, and a StridedShard shard is split_factor "
+        "blocks, so a checkpoint would fail or put rows in the wrong places. No state dict is returned rather than "
+        "a wrong checkpoint. Supported in state_dict: Shard, Replicate and Partial. To checkpoint this parameter, "
+        "lay it out with Shard(dim) (or save full_parameter(param))")
 
 
 def to_torch_dtensor(local: torch.Tensor, spec: ParameterSpec) -> TorchDTensor:
     """A torch DTensor on ``local`` (no copy, no communication) laid out as ``spec`` says.
 
     Raises:
-        ValueError: ``local`` does not have the shape ``spec`` gives this rank's shard.
+        ValueError: ``local`` does not have the shape ``spec`` gives this rank's shard, or the layout has a
+            ``StridedShard`` (see :func:`check_dcp_expressible`).
     """
+    check_dcp_expressible(spec)
     want = local_shape(spec)
     if tuple(local.shape) != want:
         raise ValueError(

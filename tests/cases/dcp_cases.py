@@ -11,11 +11,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor as TorchDTensor
+from torch.distributed.tensor import Shard as TorchShard
 
 from hyper_parallel import (
     ExpertParallel,
     ExpertTensorParallel,
+    Replicate,
     Shard,
+    StridedShard,
     distribute_parameter,
     full_parameter,
     get_parameter_spec,
@@ -23,6 +26,7 @@ from hyper_parallel import (
     init_device_mesh,
     named_parameter_specs,
 )
+from hyper_parallel.dtensor.placement import strided_indices
 from hyper_parallel.moe import MoE
 from tests.cases.dtensor_cases import _host, _t, np_local
 from tests.cases.moe_cases import D, E, H, K, T
@@ -232,4 +236,82 @@ def uneven_save_and_load(path: str) -> bool:
     _assert_differ(full_parameters(loaded), want, "uneven")
     dcp.load(loaded.state_dict(), checkpoint_id=path)
     _assert_same_full(full_parameters(loaded), want, f"uneven rank {p.get_rank()}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ StridedShard
+def _strided_module(style: str, seed: int):
+    """A module whose fused ``[E, 2H, D]`` weight (``[gate; up]`` along dim 1) is laid out for tensor parallelism
+    with ``StridedShard(1, 2)``: on a 1-D "tp" mesh, or ``[Shard(0), StridedShard(1, 2)]`` on ("ep", "tp")."""
+    world = get_platform().get_world_size()
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(3, 3, bias=True)
+    module.weight = torch.nn.Parameter(torch.randn(4, 4 * world, 3))
+    if style == "tp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        placements = [StridedShard(1, 2)]
+    else:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ep", "tp"))
+        placements = [Shard(0), StridedShard(1, 2)]
+    distribute_parameter(module, "weight", mesh, placements)
+    distribute_parameter(module, "bias", mesh, [Replicate()] * mesh.ndim)
+    return module, mesh, placements
+
+
+def strided_state_dict_refused(style: str, path: str) -> bool:
+    """``state_dict`` refuses a StridedShard parameter (DCP cannot express it) instead of returning a checkpoint
+    that would be wrong; nothing is saved. Loading still works where it is exact: plain local shards, and a torch
+    DTensor with the same ``_StridedShard`` layout (a local copy)."""
+    import os
+
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from hyper_parallel.integrations.torch_dcp import torch_device_mesh
+
+    module, mesh, placements = _strided_module(style, seed=0)
+    for save in (lambda: dcp.save(module.state_dict(), checkpoint_id=path),
+                 lambda: dcp.save(get_model_state_dict(module), checkpoint_id=path)):
+        try:
+            save()
+        except ValueError as e:
+            msg = str(e)
+            for part in ("state_dict: weight:", "torch.distributed.checkpoint cannot express this layout",
+                         "StridedShard(dim=1, split_factor=2) on mesh axis 'tp'", "Supported in state_dict: Shard"):
+                assert part in msg, f"{part!r} not in {msg!r}"
+        else:
+            raise AssertionError("state_dict() of a StridedShard parameter did not raise")
+    assert not os.path.exists(path), "a checkpoint was written"
+
+    want = _host(full_parameter(module.weight))
+    other, _, _ = _strided_module(style, seed=1)
+    assert not np.array_equal(_host(full_parameter(other.weight)), want)
+    other.load_state_dict({"weight": module.weight.detach().clone(), "bias": module.bias.detach().clone()})
+    np.testing.assert_array_equal(_host(full_parameter(other.weight)), want, err_msg="plain local shards")
+    third, _, _ = _strided_module(style, seed=2)
+    theirs = [_StridedShard(1, split_factor=2) if pl.is_strided_shard() else TorchShard(pl.dim) for pl in placements]
+    value = TorchDTensor.from_local(module.weight.detach().clone(), torch_device_mesh(mesh, "cpu"), theirs,
+                                    run_check=False, shape=torch.Size(want.shape),
+                                    stride=torch.empty(want.shape).stride())
+    third.load_state_dict({"weight": value, "bias": module.bias.detach().clone()})
+    np.testing.assert_array_equal(_host(full_parameter(third.weight)), want, err_msg="same-layout torch DTensor")
+    return True
+
+
+def torch_misplaces_strided_shards() -> bool:
+    """Why state_dict refuses StridedShard: torch describes a ``_StridedShard`` shard to DCP as ONE block (this
+    rank's size at its FIRST row's offset), which is not the rows the rank holds. If a torch release fixes this,
+    this check fails: then state_dict may map StridedShard to ``_StridedShard`` for DCP."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from hyper_parallel.integrations.torch_dcp import torch_device_mesh
+
+    world = get_platform().get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    rows = 4 * world
+    local_rows, offset = compute_local_shape_and_global_offset((rows, 2), torch_device_mesh(mesh, "cpu"),
+                                                               [_StridedShard(0, split_factor=2)])
+    described = list(range(offset[0], offset[0] + local_rows[0]))
+    held = strided_indices(rows, 2, world, mesh.get_local_rank())
+    assert len(described) == len(held) and described != held, (described, held)
     return True

@@ -11,7 +11,9 @@ from hyper_parallel import (
     Replicate,
     RowwiseParallel,
     Shard,
+    StridedShard,
     distribute_module,
+    distribute_parameter,
     distribute_tensor,
     full_parameter,
     get_parameter_spec,
@@ -19,10 +21,17 @@ from hyper_parallel import (
     init_device_mesh,
     parallelize_module,
 )
-from hyper_parallel.dtensor.placement import chunk_offsets, chunk_sizes
+from hyper_parallel.dtensor.placement import chunk_offsets, chunk_sizes, strided_indices
 from hyper_parallel.testing.conformance.errors import raises as _raises
 
 PLACEMENTS = {"S0": Shard(0), "S1": Shard(1), "R": Replicate(), "P": Partial()}
+
+
+def _placements(split_factor: int | None) -> dict:
+    """:data:`PLACEMENTS`, plus ``SS0``/``SS1`` = ``StridedShard(0/1, split_factor)`` when one is given."""
+    if split_factor is None:
+        return PLACEMENTS
+    return {**PLACEMENTS, "SS0": StridedShard(0, split_factor), "SS1": StridedShard(1, split_factor)}
 
 
 def _p():
@@ -46,6 +55,8 @@ def np_local(full: np.ndarray, mesh, placements, partial_scale: bool = True) -> 
         if pl.is_shard():
             start, size = chunk_offsets(full.shape[pl.dim], n)[k], chunk_sizes(full.shape[pl.dim], n)[k]
             out = np.take(out, range(start, start + size), axis=pl.dim)
+        elif pl.is_strided_shard():
+            out = np.take(out, strided_indices(out.shape[pl.dim], pl.split_factor, n, k), axis=pl.dim)
         elif pl.is_partial() and partial_scale:
             out = out * (k + 1) / (n * (n + 1) / 2)
     return out
@@ -55,17 +66,18 @@ def _grad_layout(placements):
     return [Replicate() if pl.is_partial() else pl for pl in placements]
 
 
-def redistribute_pairs(mesh_shape, shape, pairs):
+def redistribute_pairs(mesh_shape, shape, pairs, split_factor=None):
     """Every ``(src, dst)`` pair: forward equals the full tensor laid out under dst, backward the loss gradient
-    laid out under src."""
+    laid out under src. ``split_factor`` adds the names ``SS0``/``SS1`` (StridedShard)."""
     p = _p()
+    names = _placements(split_factor)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=tuple("ab"[: len(mesh_shape)]))
     rng = np.random.RandomState(0)
     full = rng.randn(*shape)
     weights = rng.randn(*shape)  # the loss is sum(weights * y)
     checked = []
     for src_names, dst_names in pairs:
-        src, dst = [PLACEMENTS[n] for n in src_names], [PLACEMENTS[n] for n in dst_names]
+        src, dst = [names[n] for n in src_names], [names[n] for n in dst_names]
         what = f"{src_names}->{dst_names} on mesh {list(mesh_shape)}, shape {list(shape)}"
         x = _t(np_local(full, mesh, src))
         w = _t(np_local(weights, mesh, dst, partial_scale=False))
@@ -321,7 +333,148 @@ def mesh_from_nested_lists():
     _raises(ValueError, r"has no parameter 'nope'", __import__("hyper_parallel").distribute_parameter,
             make_mlp(2, 2, 2).w1, "nope", line, [Replicate()])
     _raises(ValueError, r"no recorded layout", full_parameter, make_mlp(2, 2, 2).w1.weight)
-    _raises(TypeError, r"Shard/Replicate/Partial", DTensor.from_local, _t(np.ones(2)), line, ["S0"])
+    _raises(TypeError, r"Placement objects \(Shard, StridedShard, Replicate, Partial\), got 'S0'", DTensor.from_local,
+            _t(np.ones(2)), line, ["S0"])
     _raises(ValueError, r"sharded on one mesh axis only", DTensor.from_local, _t(np.ones((2, 2))), mesh,
             [Shard(0), Shard(0)])
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ StridedShard
+def _gate_up_reference(gate: np.ndarray, up: np.ndarray, tp: int, r: int, axis: int = 1) -> np.ndarray:
+    """Rank ``r``'s block of the fused ``[gate; up]`` under tensor parallelism over ``tp`` ranks, built by hand:
+    chunk ``r`` of gate, then chunk ``r`` of up (no use of the library's index arithmetic)."""
+    return np.concatenate([np.split(gate, tp, axis=axis)[r], np.split(up, tp, axis=axis)[r]], axis=axis)
+
+
+def strided_full_tensor_and_distribute(mesh_shape, shape, split_factor):
+    """distribute_tensor / from_local / full_tensor with StridedShard on every axis it can take, 1-D or 2-D mesh."""
+    p = _p()
+    mesh = init_device_mesh("cpu", mesh_shape)
+    rank = p.get_rank()
+    full = np.arange(np.prod(shape), dtype=np.float64).reshape(shape)
+    ss0, ss1 = StridedShard(0, split_factor), StridedShard(1, split_factor)
+    layouts = [[ss0], [ss1], [StridedShard(-1, split_factor)]] if len(mesh_shape) == 1 else \
+        [[Shard(0), ss1], [ss0, Shard(1)], [ss1, ss0], [Replicate(), ss1], [ss0, Replicate()], [Partial(), ss1]]
+    for placements in layouts:
+        what = f"{placements} on mesh {list(mesh_shape)}, shape {list(shape)}"
+        want = np_local(full, mesh, [Replicate() if q.is_partial() else q for q in placements])
+        d = distribute_tensor(_t(full * (1 + rank)), mesh, placements, src_data_rank=0)
+        if not any(q.is_partial() for q in placements):
+            np.testing.assert_allclose(_host(d.to_local()), want, err_msg=what)
+        np.testing.assert_allclose(_host(d.full_tensor()), full, err_msg=f"full_tensor {what}")
+        if not any(q.is_partial() for q in placements):  # src_data_rank=None: each rank slices its own tensor
+            d = distribute_tensor(_t(full * (1 + rank)), mesh, placements, src_data_rank=None)
+            np.testing.assert_allclose(_host(d.to_local()), want * (1 + rank), err_msg=f"src_data_rank=None {what}")
+        # from_local without a shape: StridedShard dims are even, so the global shape is inferred
+        e = DTensor.from_local(_t(want), mesh, placements)
+        assert e.shape == tuple(shape) and e.placements == d.placements, (e, what)
+        if not any(q.is_partial() for q in placements):
+            np.testing.assert_allclose(_host(e.full_tensor()), full, err_msg=f"from_local {what}")
+    # the rows each rank holds, against the docstring's picture: 8 rows, split_factor 2, 2 ranks
+    if mesh_shape == (2,):
+        rows = distribute_tensor(_t(np.arange(8.0)), mesh, [StridedShard(0, 2)])
+        assert _host(rows.to_local()).tolist() == ([0, 1, 4, 5] if rank == 0 else [2, 3, 6, 7])
+    return True
+
+
+def strided_fused_gate_up(mesh_shape, split_factor):
+    """A fused ``[E, s*H, D]`` parameter (``s`` stacked projections, e.g. gate and up) through
+    distribute_parameter / full_parameter, against a hand-built reference; on a 2-D mesh as ETP lays experts out:
+    ``[Shard(0), StridedShard(1, s)]`` on ("ep", "tp"). Also the gradient through full_parameter."""
+    p = _p()
+    two_d = len(mesh_shape) == 2
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("ep", "tp") if two_d else ("tp",))
+    tp = mesh.size("tp")
+    E, H, D = 4, 2 * tp, 3
+    rng = np.random.RandomState(5)
+    projections = [rng.randn(E, H, D) for _ in range(split_factor)]
+    fused = np.concatenate(projections, axis=1)
+    placements = [Shard(0), StridedShard(1, split_factor)] if two_d else [StridedShard(1, split_factor)]
+    holder = make_mlp(2, 2, 2).w1
+    p.replace_parameter(holder, "weight", _t(fused))
+    param = distribute_parameter(holder, "weight", mesh, placements)
+    r = mesh.get_local_rank("tp")
+    want = np.concatenate([np.split(q, tp, axis=1)[r] for q in projections], axis=1)
+    if split_factor == 2:
+        np.testing.assert_array_equal(want, _gate_up_reference(*projections, tp, r))
+    if two_d:
+        want = np.split(want, mesh.size("ep"), axis=0)[mesh.get_local_rank("ep")]
+    np.testing.assert_allclose(_host(param), want, err_msg=f"local shard under {placements}")
+    spec = get_parameter_spec(param)
+    assert spec.placements == tuple(placements) and spec.shape == fused.shape, spec
+    np.testing.assert_allclose(_host(full_parameter(param)), fused, err_msg="full_parameter")
+    weights = rng.randn(*fused.shape)
+    _, (g,), _ = p.value_and_grad(lambda t: (full_parameter_of(t, spec) * _t(weights)).sum(), [_t(_host(param))])
+    np.testing.assert_allclose(_host(g), np_local(weights, mesh, placements), rtol=1e-6, atol=1e-6,
+                               err_msg="gradient through full_tensor")
+    return True
+
+
+def full_parameter_of(local, spec):
+    return DTensor.from_local(local, spec.device_mesh, spec.placements, shape=spec.shape).full_tensor()
+
+
+def strided_matches_torch(mesh_shape, split_factor):
+    """Our StridedShard gives every rank the same local tensor as torch's ``distribute_tensor`` with
+    ``_StridedShard(dim, split_factor=)`` (torch only), and both gather back the same full tensor."""
+    import torch
+    from torch.distributed.tensor import Shard as TorchShard
+    from torch.distributed.tensor import distribute_tensor as torch_distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from hyper_parallel.integrations.torch_dcp import torch_device_mesh, torch_placements
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    tmesh = torch_device_mesh(mesh, "cpu")
+    n = 4 * split_factor
+    full = np.arange(n * n * 2, dtype=np.float64).reshape(n, 2 * n)
+    ours0, ours1 = StridedShard(0, split_factor), StridedShard(1, split_factor)
+    theirs0, theirs1 = _StridedShard(0, split_factor=split_factor), _StridedShard(1, split_factor=split_factor)
+    if len(mesh_shape) == 1:
+        cases = [([ours0], [theirs0]), ([ours1], [theirs1])]
+    else:
+        cases = [([Shard(0), ours1], [TorchShard(0), theirs1]), ([ours1, Shard(0)], [theirs1, TorchShard(0)])]
+    for ours, theirs in cases:
+        assert torch_placements(ours, 2) == tuple(theirs), torch_placements(ours, 2)
+        mine = distribute_tensor(_t(full), mesh, ours)
+        ref = torch_distribute_tensor(torch.tensor(full, dtype=torch.float32), tmesh, theirs)
+        np.testing.assert_array_equal(_host(mine.to_local()), ref.to_local().numpy(), err_msg=str(ours))
+        np.testing.assert_array_equal(_host(mine.full_tensor()), ref.full_tensor().numpy(), err_msg=str(ours))
+    return True
+
+
+def strided_errors():
+    p = _p()
+    world = p.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    _raises(TypeError, r"StridedShard\(split_factor\) takes an int >= 1, got 2.0", StridedShard, 0, 2.0)
+    _raises(TypeError, r"StridedShard\(dim\) takes an int, got '0'", StridedShard, "0", 2)
+    _raises(ValueError, r"StridedShard\(split_factor\) must be an int >= 1, got 0", StridedShard, 0, 0)
+    assert repr(StridedShard(1, 2)) == "StridedShard(dim=1, split_factor=2)"
+    assert StridedShard(1, 2) == StridedShard(1, split_factor=2) != Shard(1)
+    ss = StridedShard(0, 2)
+    assert ss.is_strided_shard() and ss.is_strided_shard(0) and not ss.is_strided_shard(1)
+    assert not ss.is_shard() and ss.is_shard_like(0) and Shard(0).is_shard_like(0) and not Shard(0).is_strided_shard()
+    rows = 2 * world + 2  # divisible by world, not by 2 * world
+    divisor = 2 * world
+    msg = (r"StridedShard\(dim=0, split_factor=2\) on mesh axis 0 \(size %d\) needs tensor dim 0's size divisible "
+           r"by split_factor \* axis size = 2 \* %d = %d; got size %d" % (world, world, divisor, rows))
+    _raises(ValueError, msg, distribute_tensor, _t(np.ones((rows, 2))), mesh, [ss])
+    _raises(ValueError, msg, DTensor.from_local, _t(np.ones((rows // world, 2))), mesh, [ss], shape=(rows, 2))
+    _raises(ValueError, r"divisible by split_factor \* axis size = 2 \* %d = %d; got size %d" % (world, divisor, world),
+            DTensor.from_local, _t(np.ones((1, 2))), mesh, [ss])  # the shape inferred from 1 row per rank
+    d = distribute_tensor(_t(np.ones((rows, 2))), mesh, [Replicate()])
+    _raises(ValueError, msg, d.redistribute, mesh, [ss])
+    _raises(ValueError, r"local shard shape \[3, 2\] does not match global shape \[%d, 2\]" % (4 * world),
+            DTensor.from_local, _t(np.ones((3, 2))), mesh, [ss], shape=(4 * world, 2))
+    _raises(ValueError, r"StridedShard\(dim=2, split_factor=2\) is out of range for a 2-D tensor; valid dims: "
+            r"\[-2, 2\)", DTensor.from_local, _t(np.ones((2, 2))), mesh, [StridedShard(2, 2)])
+    _raises(ValueError, r"redistribute to Partial is not supported .*valid targets are Shard\(dim\), "
+            r"StridedShard\(dim, split_factor\) and Replicate\(\)",
+            distribute_tensor(_t(np.ones((4 * world, 2))), mesh, [ss]).redistribute, mesh, [Partial()])
+    if world == 4:
+        grid = init_device_mesh("cpu", (2, 2))
+        _raises(ValueError, r"each tensor dim may be sharded on one mesh axis only", DTensor.from_local,
+                _t(np.ones((2, 2))), grid, [Shard(0), StridedShard(0, 2)])
     return True
