@@ -57,6 +57,9 @@ except ImportError:  # Triton is not installed
 _log = logging.getLogger("hyper_parallel.platform_adapters.torch")  # under the library logger
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
+# newer torch renames all_gather_into_tensor to all_gather_single (the old name warns on every call)
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _ClosureFunction(torch.autograd.Function):
     """A torch.autograd.Function whose forward and backward are closures passed at call time."""
@@ -272,7 +275,7 @@ class TorchPlatform(Platform):
     def _all_gather_into_tensor(self, x, group: Group):
         x = x.detach().contiguous()
         out = x.new_empty((x.shape[0] * group.size, *x.shape[1:]))
-        self._issue(dist.all_gather_into_tensor, out, x, group=group.native)
+        self._issue(_ALL_GATHER_SINGLE, out, x, group=group.native)
         return out
 
     def _reduce_scatter_tensor(self, x, op: str, group: Group):

@@ -57,6 +57,20 @@ class Dispatched:
     """Rows per local expert (host ints, padding included)."""
     meta: DispatchMeta
     """Consumed by :func:`token_combine`."""
+    counts_RE: object = None
+    """int64 ``[R*E]`` on the device: rows received per (source rank, local expert), before padding."""
+    align: int = 1
+    """The padding multiple of each local expert's rows."""
+
+    def counts_tensor(self):
+        """:attr:`num_tokens_per_expert` as an int64 tensor on the rows' device, with no host-to-device copy when
+        there is no padding (the received counts summed over ranks)."""
+        p = get_platform()
+        E = len(self.num_tokens_per_expert)
+        if self.counts_RE is None or self.align != 1:
+            return p.tensor(list(self.num_tokens_per_expert), dtype="int64",
+                            device=getattr(self.routed_input, "device", None))
+        return self.counts_RE.reshape(-1, E).sum(0)
 
 
 class PendingDispatch:
@@ -76,7 +90,8 @@ class PendingDispatch:
                                             len(self._host_counts) // group.size, align=self._align)
             routed = permute(self._received, indices)
         return Dispatched(routed_input=routed, num_tokens_per_expert=indices.num_tokens_per_expert,
-                          meta=DispatchMeta(indices=indices, **self._meta_args))
+                          meta=DispatchMeta(indices=indices, **self._meta_args), counts_RE=self._counts,
+                          align=self._align)
 
 
 def token_dispatch(routed_input_ND, num_tokens_per_expert_G, group: Group, *, num_experts: int | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
+from hyper_parallel.expert_parallel.styles import host_counts
 from hyper_parallel.moe._layers import init_normal
 
 __all__ = ["GroupedExpertsMixin", "swiglu_experts"]
@@ -56,12 +57,8 @@ class GroupedExpertsMixin:
         self.w2 = p.Parameter(init_normal((num_experts, dim, hidden_dim), init_std, seed, 2))
         self.w3 = p.Parameter(init_normal((num_experts, hidden_dim, dim), init_std, seed, 3))
 
-    def forward(self, routed_input, num_tokens_per_expert, dispatch=None):
-        """``routed_input [N, dim]`` grouped by expert, ``num_tokens_per_expert`` (a tensor or host ints).
-
-        ``dispatch`` is the metadata an expert-parallel style's dispatch attaches for its combine; the experts
-        ignore it.
-        """
+    def forward(self, routed_input, num_tokens_per_expert):
+        """``routed_input [N, dim]`` grouped by expert, ``num_tokens_per_expert`` (a tensor or host ints)."""
         p = get_platform()
         if routed_input.dtype != self.w1.dtype:
             # checked on every rank, rows or not: a rank that received no rows would otherwise skip the failing
@@ -69,7 +66,4 @@ class GroupedExpertsMixin:
             raise TypeError(f"GroupedExperts: the routed tokens are {p.dtype_name(routed_input.dtype)} but the "
                             f"experts' weights are {p.dtype_name(self.w1.dtype)}; cast the tokens or the layer so "
                             "they match")
-        counts = num_tokens_per_expert
-        if not isinstance(counts, (list, tuple)):
-            counts = p.tolist(counts)
-        return swiglu_experts(routed_input, counts, self.w1, self.w2, self.w3)
+        return swiglu_experts(routed_input, host_counts(num_tokens_per_expert), self.w1, self.w2, self.w3)
