@@ -125,3 +125,19 @@ def test_launcher_runs_a_module_with_its_arguments(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(line for line in out.stdout.splitlines() if "module" in line) == [
         "[rank 0] module 0 ['--flag', 'x']", "[rank 1] module 1 ['--flag', 'x']"]
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("example,done", [
+    ("examples/transformers_moe.py", "the expert-parallel Qwen3-MoE trained as on one process"),
+    ("examples/torchtitan_moe.py", "torchtitan MoE expert-parallel matches one process"),
+])
+def test_third_party_model_examples(backend, nproc, example, done):
+    """The recipes of docs/your_model.md (included there from these files) check themselves on every rank."""
+    env = {**os.environ, "HYPER_PARALLEL_PLATFORM": backend, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-m", "hyper_parallel.launch", "--nproc", str(nproc), "--timeout", "240",
+                          example], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(line.split("]")[0] for line in out.stdout.splitlines() if done in line) == \
+        [f"[rank {r}" for r in range(nproc)], out.stdout
