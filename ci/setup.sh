@@ -17,6 +17,14 @@ PY=$VENV/bin/python
 "$PY" -m pip install -q mindspore==2.10.0 'numpy<2'
 "$PY" -m pip install -q -e ".[test,demo]" 'numpy<2'
 "$PY" -m pip install -q ruff==0.17.6   # the linter, pinned: a new release's new rules must not turn CI red
+# The third-party MoE models of the integration tests (transformers, torchtitan), every version pinned in
+# ci/third_party.txt (a constraints file, which says why torchtitan goes in alone with --no-deps). torchtitan last: pip
+# then has no later install in this script to report its unneeded dependencies as missing.
+"$PY" -m pip install -q -c "$ROOT/ci/third_party.txt" transformers spmd_types tyro 'numpy<2'
+"$PY" -m pip install -q -c "$ROOT/ci/third_party.txt" --no-deps torchtitan
+# A broken install fails here, by name, instead of the tests that need it skipping.
+"$PY" -c "import transformers, torchtitan.models.common.moe" \
+    || { echo "ci/setup.sh: transformers / torchtitan do not import: see ci/third_party.txt" >&2; false; }
 
 # MindSpore logs: warnings and errors only, into a scratch directory (it must exist when logtostderr=0).
 export GLOG_v=3 GLOG_logtostderr=0 GLOG_log_dir="$(mktemp -d)"
