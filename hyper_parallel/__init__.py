@@ -33,11 +33,15 @@ from hyper_parallel.expert_parallel import (
 )
 from hyper_parallel.parallel import (
     ColwiseParallel,
+    DataParallel,
     ParallelStyle,
     PrepareModuleInput,
     PrepareModuleOutput,
     RowwiseParallel,
+    clip_grad_norm_,
+    clip_grads,
     parallelize_module,
+    reduce_gradients,
 )
 from hyper_parallel.platform import Group, Handle, Platform
 
@@ -52,6 +56,7 @@ __version__ = "0.1.0"  # the only place the version is written: pyproject.toml r
 
 __all__ = [
     "BaseExpertParallel", "ExpertParallel", "ExpertTensorParallel", "TensorParallel", "ExpertsLayout", "ExpertWeight",
+    "DataParallel", "clip_grad_norm_", "clip_grads", "reduce_gradients",
     "ENV_VAR", "ColwiseParallel", "DTensor", "DeviceMesh", "Group", "Handle", "ParallelStyle", "ParameterSpec",
     "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
     "Shard", "StridedShard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",

@@ -464,6 +464,17 @@ class Platform(abc.ABC):
         everywhere."""
         return None  # explicit: a deliberate no-op default, not a forgotten abstract method
 
+    def register_gradient_reducer(self, module, reducer) -> None:
+        """Run ``reducer`` (a :class:`~hyper_parallel.parallel.data_parallel.GradientReducer`) on ``module``'s
+        gradients during every backward, where the framework stores gradients on the parameters (called once by
+        :class:`~hyper_parallel.parallel.data_parallel.DataParallel`).
+
+        The default does nothing: the caller reduces the gradients the framework returns with
+        :func:`~hyper_parallel.parallel.data_parallel.reduce_gradients` (MindSpore). The torch adapter all-reduces
+        each bucket as its gradients become ready, overlapped with the rest of backward
+        (:mod:`hyper_parallel.integrations.torch_data_parallel`)."""
+        return None  # explicit: a deliberate no-op default, not a forgotten abstract method
+
     @abc.abstractmethod
     def manual_seed(self, seed: int) -> None:
         """Seed the framework's global random generator(s)."""

@@ -374,6 +374,12 @@ class TorchPlatform(Platform):
 
         register_state_dict_hooks(module)
 
+    def register_gradient_reducer(self, module, reducer) -> None:
+        # Imported here: only data-parallel models need the backward hooks.
+        from hyper_parallel.integrations.torch_data_parallel import install
+
+        install(module, reducer)
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
