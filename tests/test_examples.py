@@ -141,3 +141,16 @@ def test_third_party_model_examples(backend, nproc, example, done):
     assert out.returncode == 0, out.stdout + out.stderr
     assert sorted(line.split("]")[0] for line in out.stdout.splitlines() if done in line) == \
         [f"[rank {r}" for r in range(nproc)], out.stdout
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_data_parallel_training_example(backend):
+    """The training recipe of docs/training.md checks itself against one process on every rank."""
+    env = {**os.environ, "HYPER_PARALLEL_PLATFORM": backend, "PYTHONPATH": REPO, "GLOG_v": "3",
+           "GLOG_logtostderr": "0", "GLOG_log_dir": tempfile.mkdtemp()}
+    out = subprocess.run([sys.executable, "-m", "hyper_parallel.launch", "--nproc", "4", "--timeout", "240",
+                          "examples/train_moe_data_parallel.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    done = [line for line in out.stdout.splitlines() if "training with" in line and "matches one process" in line]
+    assert sorted(line.split("]")[0] for line in done) == [f"[rank {r}" for r in range(4)], out.stdout
