@@ -45,8 +45,8 @@ from hyper_parallel.functional import zeros_connected
 from hyper_parallel.parallel.style import ParallelStyle
 from hyper_parallel.platform import DTYPE_NAMES
 
-__all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "expert_style_of",
-           "experts_layout_of", "host_counts", "keep_in_graph", "num_global_experts"]
+__all__ = ["BaseExpertParallel", "ExpertParallel", "TensorParallel", "ExpertTensorParallel", "dispatched_rows",
+           "expert_style_of", "experts_layout_of", "host_counts", "keep_in_graph", "num_global_experts"]
 
 _STYLE_ATTR = "_hyper_parallel_expert_style"
 _LAYOUT_ATTR = "_hyper_parallel_experts_layout"
@@ -177,6 +177,8 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
             distribute_parameter(module, weight.name, mesh, placements)
 
     def _dispatch_hook(self, module, inputs, device_mesh):
+        if inputs and isinstance(getattr(inputs[0], _CALL_ATTR, None), _Call):
+            return inputs  # dispatched already by a MoE layer that overlapped the exchange (see dispatched_rows)
         layout: ExpertsLayout = getattr(module, _LAYOUT_ATTR)
         num_experts = getattr(module, _NUM_EXPERTS_ATTR)
         style = type(self).__name__
@@ -219,11 +221,19 @@ def _combine_hook(style: BaseExpertParallel, device_mesh: DeviceMesh, module, ar
     call = getattr(args[0], _CALL_ATTR, None)
     assert isinstance(call, _Call), "the experts' input lost the dispatch it came from"
     layout: ExpertsLayout = getattr(module, _LAYOUT_ATTR)
-    out = keep_in_graph(output, module, call.meta)
+    out = keep_in_graph(output, module, call.meta, args[0])
     if style._corrects_biases(layout, device_mesh):
         out = _without_extra_biases(out, module, layout, call.expert_of_row)
     out = style.combine(out, call.meta, device_mesh)
     return out if call.pairs is None else _sum_pairs(out, call.pairs)
+
+
+def dispatched_rows(d: Dispatched):
+    """The rows of a finished :meth:`BaseExpertParallel.dispatch`, marked so that calling the experts module on
+    them (``experts(dispatched_rows(d), d.num_tokens_per_expert)``) runs its forward AND its hooks (FSDP's, a
+    profiler's) while the style's own hooks skip the dispatch and still combine: how a MoE layer that overlaps its
+    shared experts with the token exchange calls its routed experts. Grouped experts only."""
+    return _carrying(d.routed_input, _Call(meta=d.meta, expert_of_row=None, pairs=None), None)
 
 
 def _carrying(routed, call: _Call, source):
@@ -313,19 +323,24 @@ def num_global_experts(module) -> int:
     return layout.sizes(module, "num_global_experts")[0]
 
 
-def keep_in_graph(routed_output, module, meta):
-    """The experts' output, made to depend on the experts' parameters on a rank that received no rows.
+def keep_in_graph(routed_output, module, meta, routed_input=None):
+    """The experts' output, made to depend on the experts' parameters (and on ``routed_input``, the rows they
+    received) on a rank that received no rows.
 
     Every rank must run the combine's backward all-to-all when any rank does. A rank with rows has an output that
     depends on the expert weights; a rank without rows has an empty output that depends only on its (empty) input,
     or on nothing at all when the experts return fresh zeros (as transformers' do), which needs no gradient when
     the layer's input does not (a first layer fed by data): it would skip the backward exchange its peers wait in.
     Tying the empty output to the trainable parameters (with zero gradients) keeps its ``requires grad`` the same
-    as its peers'. Costs nothing on ranks with rows.
+    as its peers'; tying it to the received rows keeps the dispatch's backward exchange in the graph too, when the
+    layer's input needs a gradient and the experts' output does not depend on their input. Costs nothing on ranks
+    with rows.
     """
     if not isinstance(meta, DispatchMeta) or meta.indices.num_rows:
         return routed_output
     shape = tuple(routed_output.shape)
+    if routed_input is not None:
+        routed_output = routed_output + zeros_connected(routed_input, shape)
     for _, param in get_platform().named_parameters(module):
         routed_output = routed_output + zeros_connected(param, shape)
     return routed_output
