@@ -464,6 +464,15 @@ class Platform(abc.ABC):
         everywhere."""
         return None  # explicit: a deliberate no-op default, not a forgotten abstract method
 
+    def recompute_phase(self) -> str | None:
+        """Where the running forward stands in activation checkpointing (torch ``checkpoint``, MindSpore
+        ``Cell.recompute()``): ``None`` for a plain forward; ``"first"`` for the first run of a forward that will be
+        recomputed, when the framework runs it without autograd (MindSpore: tensors made there get no gradient);
+        ``"again"`` for the re-run inside backward. The MoE layer skips its side effects (load counts,
+        load-balancing loss entries, routing statistics) in ``"again"``, so they happen once per real step. The
+        default: always ``None``."""
+        return None
+
     def register_gradient_reducer(self, module, reducer) -> None:
         """Run ``reducer`` (a :class:`~hyper_parallel.parallel.data_parallel.GradientReducer`) on ``module``'s
         gradients during every backward, where the framework stores gradients on the parameters (called once by

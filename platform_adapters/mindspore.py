@@ -69,6 +69,9 @@ _BACKENDS = {"cpu": "mccl", "gpu": "nccl", "ascend": "hccl"}
 # as a second platform object lives in the same process.
 _WORLD_DESTROYED = False
 
+# Where MindSpore runs and re-runs a recomputed forward (see MindSporePlatform.recompute_phase).
+_RECOMPUTE_FILE = os.path.join("mindspore", "common", "recompute.py")
+
 
 def _refuse_second_world() -> None:
     """Refuse, with a message, the second world that would crash the process.
@@ -526,6 +529,22 @@ class MindSporePlatform(Platform):
         param = mindspore.Parameter(_copy(tensor), name=old.name, requires_grad=old.requires_grad)
         setattr(module, name, param)
         return param
+
+    def recompute_phase(self) -> str | None:
+        # MindSpore runs a recomputed Cell's first forward from the recompute cell's construct, without autograd,
+        # and re-runs it from that cell's custom bprop (Cell.recompute(), mindspore.recompute with
+        # use_reentrant=True) or from recompute_function (use_reentrant=False). It exposes no flag to read, so look
+        # for those frames on the stack (microseconds; a forward costs milliseconds).
+        frame, phase = sys._getframe(1), None
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename.endswith(_RECOMPUTE_FILE):
+                if code.co_name in ("bprop", "recompute_function"):
+                    return "again"  # (the re-run also passes through the recompute cell's construct: look on)
+                if code.co_name == "construct":
+                    phase = "first"
+            frame = frame.f_back
+        return phase
 
     def manual_seed(self, seed: int) -> None:
         mindspore.set_seed(seed)

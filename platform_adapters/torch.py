@@ -374,6 +374,11 @@ class TorchPlatform(Platform):
 
         register_state_dict_hooks(module)
 
+    def recompute_phase(self) -> str | None:
+        # A forward that runs while the autograd engine executes a graph is a checkpoint's recomputation (reentrant
+        # or not): torch runs no other forward inside backward. torch's first run tracks autograd as usual.
+        return "again" if torch._C._current_graph_task_id() != -1 else None
+
     def register_gradient_reducer(self, module, reducer) -> None:
         # Imported here: only data-parallel models need the backward hooks.
         from hyper_parallel.integrations.torch_data_parallel import install

@@ -20,7 +20,7 @@ from typing import Any
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.dtensor import DTensor
 from hyper_parallel.dtensor.placement import Partial, Replicate, chunk_sizes
-from hyper_parallel.expert_parallel.styles import expert_style_of, keep_in_graph
+from hyper_parallel.expert_parallel.styles import dispatched_rows, expert_style_of
 from hyper_parallel.functional import zeros_connected
 from hyper_parallel.moe.losses import update_expert_bias
 
@@ -123,7 +123,9 @@ class MoEMixin:
         T = x_TD.shape[0]
         with p.profile_range("hyper_parallel.moe.router"):
             top_scores_TK, selected_TK, num_tokens_per_expert_E = self.router(x_TD, self.expert_bias)
-        if self.expert_bias is not None:
+        # side effects once per real step: not again when activation checkpointing re-runs this forward in backward
+        recomputing = p.recompute_phase() == "again"
+        if self.expert_bias is not None and not recomputing:
             self.tokens_per_expert = self.tokens_per_expert + num_tokens_per_expert_E.float()
         sp_mesh = sequence_parallel_mesh_of(self.reorderer)
         x_routed_TD = x_TD
@@ -137,8 +139,9 @@ class MoEMixin:
         N = pairs_N.shape[0]
         # under sequence parallelism the reorderer saw only this rank's slice of the tokens
         routed_T = T if sp_mesh is None else chunk_sizes(T, sp_mesh.size())[sp_mesh.get_local_rank()]
-        self.routing_stats = RoutingStats(num_tokens_per_expert=num_tokens_per_expert_E, num_kept_per_expert=counts_E,
-                                          num_dropped=routed_T * self.top_k - N)
+        if not recomputing:
+            self.routing_stats = RoutingStats(num_tokens_per_expert=num_tokens_per_expert_E,
+                                              num_kept_per_expert=counts_E, num_dropped=routed_T * self.top_k - N)
         routed_ND = x_routed_TD[pairs_N // self.top_k] if N else zeros_connected(x_routed_TD, (0, self.dim))
         routed_ND, shared_TD = self._experts(routed_ND, counts_E, x_TD)
         with p.profile_range("hyper_parallel.moe.combine_weighted"):
@@ -163,10 +166,10 @@ class MoEMixin:
         pending = style.dispatch(routed_ND, counts_E, mesh, async_op=True, num_experts=self.num_experts)
         shared_TD = self._shared(x_TD)  # runs while the token all-to-all is in flight
         d = pending.wait()
-        # forward() skips the module's hooks: this call IS the dispatch/combine they would do
+        # a module call, so every hook of the experts runs (FSDP's, a profiler's); the style's own hooks see rows
+        # already dispatched, skip the dispatch and combine
         with p.profile_range("hyper_parallel.moe.experts"):
-            out = self.experts.forward(d.routed_input, d.num_tokens_per_expert)
-        return style.combine(keep_in_graph(out, self.experts, d.meta), d.meta, mesh), shared_TD
+            return self.experts(dispatched_rows(d), d.num_tokens_per_expert), shared_TD
 
     def _shared(self, x_TD):
         with get_platform().profile_range("hyper_parallel.moe.shared_experts"):

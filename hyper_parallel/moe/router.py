@@ -172,7 +172,14 @@ class TokenChoiceTopKRouterMixin:
         else:
             counts_E = (selected_TK.reshape(-1, 1) == p.arange(self.num_experts)).sum(0).to(i64)
         if self.loss_tracker is not None:
-            self.loss_tracker.save(scores_TE, counts_E)
+            phase = p.recompute_phase()
+            if phase == "first":
+                raise ValueError(
+                    "TokenChoiceTopKRouter: a load-balancing loss tracker inside a recomputed Cell gets no gradient "
+                    "(MindSpore runs the recomputed Cell's first forward without autograd); recompute the experts "
+                    "only (moe.experts.recompute()), or balance with the expert bias (use_expert_bias=True)")
+            if phase is None:  # once per real step: not again when backward re-runs this forward
+                self.loss_tracker.save(scores_TE, counts_E)
         return top_scores_TK, selected_TK, counts_E
 
 
