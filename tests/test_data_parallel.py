@@ -26,3 +26,8 @@ def test_training_matches_one_device(worlds, backend, layout):
 
 def test_bad_data_axes(worlds, backend):
     worlds.run(backend, 4, dc.bad_data_axes)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_global_load_balancing_loss(worlds, backend, nproc):
+    worlds.run(backend, nproc, dc.global_aux_loss)

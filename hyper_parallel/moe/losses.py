@@ -90,8 +90,17 @@ class LoadBalancingLossTracker:
                              f"([tokens, experts] = {list(self._saved[0][0].shape)}), got {list(scores_TE.shape)}")
         self._saved.append((scores_TE, num_tokens_per_expert_E))
 
-    def loss(self, top_k: int, coeff: float = 1.0):
+    def loss(self, top_k: int, coeff: float = 1.0, group=None):
         """``coeff`` times the mean per-layer loss over the saved layers (a float32 scalar); does not clear.
+
+        Args:
+            top_k: experts chosen per token.
+            coeff: the loss weight.
+            group: a process group (e.g. the data-parallel ranks, ``mesh.get_group("dp")``) over which the loads are
+                summed first, as Megatron-Core's global auxiliary loss does: ``f_e`` becomes the fraction of the
+                group's (token, expert) pairs routed to ``e``, while ``P_e`` stays this rank's mean score (its
+                gradient is this rank's). ``None``: this rank's loads (one all-reduce of ``[L, E]`` counts
+                otherwise).
 
         Raises:
             ValueError: nothing was saved, or ``top_k`` is not a positive int.
@@ -106,6 +115,8 @@ class LoadBalancingLossTracker:
         T, E = self._saved[0][0].shape
         mean_LE = p.cat([s.float() for s, _ in self._saved], dim=1).mean(0)
         counts_LE = p.cat([c.to(f32) for _, c in self._saved])
+        if group is not None:  # the group's loads, over the group's tokens (T per rank)
+            counts_LE = p.all_reduce(counts_LE, group=group) / group.size
         return (counts_LE * mean_LE).sum(0) * (coeff * E / (L * T * top_k))
 
     def clear(self) -> None:

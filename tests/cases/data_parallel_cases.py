@@ -139,3 +139,33 @@ def bad_data_axes() -> bool:
     DataParallel(data_axes=("ep",)).apply(model, mesh)
     _raises(ValueError, r"already has DataParallel applied", DataParallel(data_axes=("ep",)).apply, model, mesh)
     return True
+
+
+def global_aux_loss() -> bool:
+    """LoadBalancingLossTracker.loss(group=...): the loads summed over the group (Megatron-Core's global auxiliary
+    loss), this rank's scores; value and gradient against NumPy."""
+    from hyper_parallel.moe.losses import LoadBalancingLossTracker
+
+    p = get_platform()
+    world, rank = p.get_world_size(), p.get_rank()
+    T, E, L = 5, 4, 2
+    rngs = [np.random.RandomState(50 + r) for r in range(world)]
+    data = [([rng.rand(T, E) for _ in range(L)], [rng.randint(0, 4, E) for _ in range(L)]) for rng in rngs]
+    scores, counts = data[rank]
+    tracker = LoadBalancingLossTracker()
+    group = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)).get_group("dp")
+
+    def loss_fn(*layer_scores):
+        tracker.clear()
+        for s, c in zip(layer_scores, counts):
+            tracker.save(s, p.tensor([int(v) for v in c], dtype="int64"))
+        return tracker.loss(top_k=K, coeff=0.5, group=group)
+
+    value, grads, _ = p.value_and_grad(loss_fn, [_t(s) for s in scores])
+    global_counts = [sum(data[r][1][layer] for r in range(world)) / world for layer in range(L)]
+    want = 0.5 * E / (L * T * K) * sum((global_counts[layer] * scores[layer].mean(0)).sum() for layer in range(L))
+    assert abs(float(_host(value)) - want) <= 1e-6 * abs(want), (float(_host(value)), want)
+    for layer in range(L):  # d loss / d scores[t, e] = coeff * E * f_e / (L * T * K * T) for every token t
+        want_grad = np.tile(0.5 * E * global_counts[layer] / (L * T * K * T), (T, 1))
+        assert_rel(_host(grads[layer]), want_grad, f"rank {rank} layer {layer} score gradient")
+    return True
