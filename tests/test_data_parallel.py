@@ -31,3 +31,11 @@ def test_bad_data_axes(worlds, backend):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_global_load_balancing_loss(worlds, backend, nproc):
     worlds.run(backend, nproc, dc.global_aux_loss)
+
+
+@pytest.mark.backends("torch")
+def test_torch_fsdp2_with_expert_parallel(worlds, backend):
+    """The Training page's FSDP2 recipe: dense parts fully_shard-ed over the data ranks, experts expert-parallel."""
+    from tests.cases import fsdp_cases
+
+    worlds.run(backend, 4, fsdp_cases.fsdp2_with_expert_parallel_trains_like_one_device)

@@ -37,6 +37,15 @@ def total_grad_norm(grads: Sequence, params: Sequence, norm_type: float = 2.0):
     for g, q in zip(grads, params):
         if g is None:
             continue
+        if hasattr(g, "full_tensor") and hasattr(g, "to_local"):
+            # a torch DTensor gradient (a parameter torch FSDP2 shards): torch reduces its norm over its own mesh
+            g = g.norm(norm_type).full_tensor()
+            key = ("dtensor",)
+            local = g.float() if infinite else g.float() ** norm_type
+            if key in parts:
+                local = _max(parts[key][1], local) if infinite else parts[key][1] + local
+            parts[key] = ((), local)
+            continue
         spec = get_parameter_spec(q)
         groups = () if spec is None else tuple(
             spec.device_mesh.get_group(axis) for axis, pl in enumerate(spec.placements) if pl.is_shard_like())
@@ -48,7 +57,7 @@ def total_grad_norm(grads: Sequence, params: Sequence, norm_type: float = 2.0):
             local = _max(prev, local) if infinite else prev + local
         parts[key] = (groups, local)
     total = p.zeros((), dtype="float32")
-    for key in sorted(parts):  # the same order on every rank
+    for key in sorted(parts, key=repr):  # the same order on every rank
         groups, local = parts[key]
         value = local.reshape(1)
         for grp in groups:
@@ -67,7 +76,14 @@ def clip_grads(grads: Sequence, params: Sequence, max_norm: float, norm_type: fl
 def _scaled(grads: Sequence, total, max_norm: float) -> tuple:
     coef = get_platform().tensor([float(max_norm)], dtype="float32").reshape(()) / (total + 1e-6)
     coef = (coef < 1.0) * coef + (coef >= 1.0) * 1.0
-    return tuple(None if g is None else g * coef.to(g.dtype) for g in grads)
+    return tuple(None if g is None else _times(g, coef) for g in grads)
+
+
+def _times(g, coef):
+    if hasattr(g, "full_tensor") and hasattr(g, "to_local"):  # a torch DTensor: scale its local shard
+        return g.__class__.from_local(g.to_local() * coef.to(g.dtype), g.device_mesh, g.placements,
+                                      shape=g.shape, stride=g.stride())
+    return g * coef.to(g.dtype)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,

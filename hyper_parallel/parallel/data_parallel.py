@@ -140,13 +140,15 @@ class DataParallel(ParallelStyle):
         data_axes: the mesh axes whose ranks feed different data (e.g. ``("dp", "ep")``: the ep ranks of an
             expert-parallel layer hold different tokens too). Never a tensor-parallel axis.
         bucket_cap_mb: the most MiB of gradients one all-reduce carries.
+        ignored: modules or parameters whose gradients another library reduces (torch FSDP2's ``fully_shard`` on
+            the dense parts: see the Training page); their parameters are left out.
 
     >>> mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))         # doctest: +SKIP
     >>> ExpertParallel().apply(moe.experts, mesh["ep"])                              # doctest: +SKIP
     >>> DataParallel(data_axes=("dp", "ep")).apply(model, mesh)                      # doctest: +SKIP
     """
 
-    def __init__(self, *, data_axes: Sequence[str], bucket_cap_mb: float = 25.0):
+    def __init__(self, *, data_axes: Sequence[str], bucket_cap_mb: float = 25.0, ignored: Sequence = ()):
         if isinstance(data_axes, str):
             data_axes = (data_axes,)
         data_axes = tuple(data_axes)
@@ -156,6 +158,7 @@ class DataParallel(ParallelStyle):
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
             raise ValueError(f"DataParallel: bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
         self.data_axes, self.bucket_cap_mb = data_axes, float(bucket_cap_mb)
+        self.ignored = tuple(ignored)
 
     def apply(self, module, device_mesh: DeviceMesh):
         p = get_platform()
@@ -167,9 +170,15 @@ class DataParallel(ParallelStyle):
         if missing:
             raise ValueError(f"DataParallel: data axes {missing} are not axes of the mesh, whose axes are "
                              f"{names or 'unnamed'}")
+        ignored = set()
+        for item in self.ignored:
+            if hasattr(item, "shape"):
+                ignored.add(id(item))
+            else:
+                ignored.update(id(q) for _, q in p.named_parameters(item))
         plan = []  # (name, param, axes to sum over, scale)
         for name, param, spec in named_parameter_specs(module):
-            if not getattr(param, "requires_grad", True):
+            if not getattr(param, "requires_grad", True) or id(param) in ignored:
                 continue
             axes, scale = self._reduction(module, name, spec, device_mesh)
             plan.append((name, param, axes, scale))
