@@ -11,6 +11,9 @@ Everything is printed as ratios measured in one run, on the same machine, under 
   over the rows each rank routes.
 * **torch vs MindSpore** (:mod:`~hyper_parallel.bench.compare`): every backend runs the same cells with the same
   seeded counts, each in its own worker processes; each row reports ``mindspore / torch``.
+* **soak** (:mod:`~hyper_parallel.bench.soak`, ``hyper-parallel bench --soak``): the demo's model trained for 200
+  steps on 4 processes and on one, per backend, with every process's resident memory sampled at steps 1, 100 and
+  200: memory must stay flat and the loss equal the single-process run's.
 
 Every cell checks its warm-up call against its reference before it is timed; the timing plan is in
 :mod:`~hyper_parallel.bench.sweep`, the tables in :mod:`~hyper_parallel.bench.report`, the options in

@@ -68,6 +68,9 @@ class RunSpec:
     tp: int
     steps: int
     model: ModelConfig
+    #: 1-based steps after which EVERY rank reports its resident memory (``@@hpdemo`` records of event
+    #: ``"memory"``); empty: none (the demo's own runs). Set by the soak (:mod:`hyper_parallel.bench.soak`).
+    memory_steps: tuple[int, ...] = ()
 
     @property
     def style(self) -> str:
@@ -102,6 +105,7 @@ class RunSpec:
     def from_json(cls, text: str) -> RunSpec:
         d = json.loads(text)
         d["model"] = ModelConfig(**d["model"])
+        d["memory_steps"] = tuple(d.get("memory_steps", ()))  # JSON has lists; the spec keeps a tuple
         return cls(**d)
 
 

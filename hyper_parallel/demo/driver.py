@@ -122,13 +122,14 @@ def _child_env(spec: C.RunSpec, log_dir: str):
                 os.environ[k] = v
 
 
-def run_one(spec: C.RunSpec, kind: str, out_dir: str, timeout_s: float) -> dict:
-    """Launch one run and collect its records. Raises ``_RunFailed`` with the exit code on failure."""
+def run_one(spec: C.RunSpec, kind: str, out_dir: str, timeout_s: float, progress: bool = True) -> dict:
+    """Launch one run and collect its records (with ``progress``, a progress bar on stderr). Raises ``_RunFailed``
+    with the exit code on failure."""
     from hyper_parallel.demo.report import ProgressBar, RecordSink, tokens_per_second
     from hyper_parallel.launch import launch
 
     label = f"{spec.backend:<9} {kind:<9} {spec.nproc} proc{'s' if spec.nproc > 1 else ' '} {spec.layout:<8}"
-    bar = ProgressBar(label, spec.steps, spec.model.tokens)
+    bar = ProgressBar(label, spec.steps, spec.model.tokens, enabled=progress)
     sink = RecordSink(bar)
     log_dir = os.path.join(out_dir, "logs", f"{spec.backend}-{kind}")  # MindSpore's own logs (glog)
     if spec.backend == "mindspore":
@@ -150,7 +151,8 @@ def run_one(spec: C.RunSpec, kind: str, out_dir: str, timeout_s: float) -> dict:
             "style": spec.style, "layout": spec.layout, "losses": losses, "first_loss": losses[0],
             "last_loss": losses[-1], "step_time_s": [r["time_s"] for r in steps],
             "tokens_per_s": tokens_per_second(steps, spec.model.tokens), "wall_s": wall,
-            "params": (sink.start or {}).get("params"), "load": [r["load"] for r in steps]}
+            "params": (sink.start or {}).get("params"), "load": [r["load"] for r in steps],
+            "memory": sorted(sink.memory, key=lambda r: (r["step"], r["rank"]))}
 
 
 class _RunFailed(Exception):

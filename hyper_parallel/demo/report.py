@@ -26,10 +26,12 @@ class ProgressBar:
     every 10% of the run, so logs stay short.
     """
 
-    def __init__(self, label: str, total: int, tokens_per_step: int, stream=None, width: int = 24):
+    def __init__(self, label: str, total: int, tokens_per_step: int, stream=None, width: int = 24,
+                 enabled: bool = True):
         self.tokens = tokens_per_step
         self.rate: float | None = None
-        self._bar = Progress(label, total, stream=stream, width=width, log_lines=10, min_redraw_s=0.1, keep=True)
+        self._bar = Progress(label, total, stream=stream, enabled=enabled, width=width, log_lines=10,
+                             min_redraw_s=0.1, keep=True)
 
     def update(self, step: int, loss: float, time_s: float) -> None:
         if step > 0 or self._bar.total == 1:  # step 0 carries the warm-up: not a rate
@@ -46,12 +48,14 @@ class ProgressBar:
 
 
 class RecordSink:
-    """The launcher's output stream for one run: records from rank 0 feed the bar and the results, every other
-    line (warnings, a failing rank's traceback) is shown on ``stream`` above the bar."""
+    """The launcher's output stream for one run: records from rank 0 feed the bar and the results, every rank's
+    ``memory`` records are collected in :attr:`memory`, every other line (warnings, a failing rank's traceback) is
+    shown on ``stream`` above the bar."""
 
     def __init__(self, bar: ProgressBar, stream=None):
         self.bar, self.stream = bar, stream or sys.stderr
         self.steps: list[dict] = []
+        self.memory: list[dict] = []
         self.start: dict | None = None
         self._buf = ""
         self._lock = threading.Lock()
@@ -77,6 +81,8 @@ class RecordSink:
             rec = json.loads(payload)
             if rec["event"] == "start":
                 self.start = rec
+            elif rec["event"] == "memory":
+                self.memory.append(rec)
             else:
                 self.steps.append(rec)
                 self.bar.update(rec["step"], rec["loss"], rec["time_s"])

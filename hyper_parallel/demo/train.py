@@ -15,12 +15,15 @@ One training step on a rank:
 4. SGD with momentum on every parameter; the expert bias (DeepSeek-V3 aux-loss-free balancing) moves from the
    global loads.
 
-Rank 0 prints one ``@@hpdemo {json}`` line per step (loss, step time, loads) for the driver to read.
+Rank 0 prints one ``@@hpdemo {json}`` line per step (loss, step time, loads) for the driver to read. After each
+step listed in ``RunSpec.memory_steps`` (1-based), every rank also prints a ``memory`` record with its current
+resident memory (:func:`resident_mib`), which the soak (:mod:`hyper_parallel.bench.soak`) reads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -38,6 +41,23 @@ from hyper_parallel.demo.task import TeacherTask
 from hyper_parallel.moe import update_expert_bias
 
 RECORD_PREFIX = "@@hpdemo "
+
+
+def resident_mib() -> tuple[float, str]:
+    """This process's resident memory in MiB, and which figure it is.
+
+    ``"current"``: the resident set size now (Linux ``/proc/self/statm``), which falls when memory is given back;
+    elsewhere ``"peak"``: the largest resident set so far (``getrusage``), which can only grow.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20, "current"
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak / (2**20 if sys.platform == "darwin" else 2**10), "peak"
 
 
 class MomentumSGD:
@@ -154,6 +174,10 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
         records.append(record)
         if rank == 0:
             emit(RECORD_PREFIX + json.dumps(record))
+        if step + 1 in spec.memory_steps:  # every rank: the soak compares them
+            mib, kind = resident_mib()
+            emit(RECORD_PREFIX + json.dumps({"event": "memory", "step": step + 1, "rank": rank, "rss_mib": mib,
+                                             "kind": kind}))
     return records
 
 
