@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo on a fresh machine: creates the virtual environment like ci/test.sh (same $VENV, same installs, through
-# ci/setup.sh), then trains the demo MoE on 4 local processes (torch, ExpertTensorParallel 2x2) next to a
+# ci/setup.sh), then trains the demo MoE on 4 local processes (torch, dp 2 x ExpertParallel 2) next to a
 # single-process reference, prints the summary and writes demo_out/{demo.png,summary.json}. Exits nonzero when the
 # loss curves differ by more than 1e-5. Its last line says how to enter the environment in a new shell
 # (`source .venv/bin/activate`), which the README's next commands need.

@@ -86,7 +86,7 @@ def test_default_layout_matches_single_process_reference(backend, tmp_path):
     out = str(tmp_path / "out")
     r = run_demo(["--steps", str(STEPS), "--out", out], HYPER_PARALLEL_PLATFORM=backend)
     assert r.returncode == 0, r.stdout + r.stderr
-    _check_summary(out, [backend], "ETP 2x2", 4)
+    _check_summary(out, [backend], "dp 2 x EP 2", 4)
     assert f"parity {backend}: max over {STEPS} steps" in r.stdout and "OK" in r.stdout
     assert "Traceback" not in r.stderr
     assert f"{STEPS}/{STEPS}" in r.stderr  # the progress bar reached the end (one line per 10% off a terminal)
@@ -94,7 +94,9 @@ def test_default_layout_matches_single_process_reference(backend, tmp_path):
 
 @pytest.mark.backends("torch")
 @pytest.mark.parametrize("args, layout, nproc", [(["--nproc", "2"], "EP 2", 2),
-                                                 (["--nproc", "2", "--tp", "2"], "TP 2", 2)])
+                                                 (["--nproc", "2", "--tp", "2"], "TP 2", 2),
+                                                 (["--ep", "2", "--tp", "2"], "ETP 2x2", 4),
+                                                 (["--dp", "2", "--tp", "2"], "dp 2 x TP 2", 4)])
 def test_other_layouts_match_reference(backend, tmp_path, args, layout, nproc):
     out = str(tmp_path / "out")
     r = run_demo([*args, "--backend", backend, "--steps", str(STEPS), "--out", out], module="hyper_parallel.demo")
@@ -134,6 +136,9 @@ BAD_INPUT = {  # id: (arguments, environment, words the one error line must cont
     "steps-zero": (["--steps", "0"], {}, ["--steps 0"]),
     "tokens-not-sharding": (["--tokens", "510", "--ep", "4", "--nproc", "4"], {},
                             ["--tokens 510", "divisible by --ep 4"]),
+    "tokens-not-sharding-dp": (["--tokens", "514"], {}, ["--tokens 514", "divisible by dp x ep = 4"]),
+    "dp-grid-not-nproc": (["--dp", "3", "--ep", "2"], {}, ["--dp 3 x --ep 2 = 6", "--nproc is 4"]),
+    "dp-zero": (["--dp", "0"], {}, ["--dp 0", "positive integer"]),
     "too-few-experts": (["--experts", "1"], {}, ["--experts 1", "top_k = 2"]),
     "timeout-zero": (["--timeout", "0"], {}, ["--timeout 0"]),
     "compare-with-backend": (["--compare-backends", "--backend", "torch"], {},
@@ -176,12 +181,14 @@ def test_a_failing_run_stops_every_rank_and_returns_its_exit_code(tmp_path):
 
 # ---------------------------------------------------------------------- in-process: layouts, task, reporting
 
-@pytest.mark.parametrize("nproc, ep, tp, want", [(4, None, None, (2, 2)), (2, None, None, (2, 1)),
-                                                 (6, None, None, (3, 2)), (3, None, None, (3, 1)),
-                                                 (1, None, None, (1, 1)), (4, 4, None, (4, 1)),
-                                                 (4, None, 4, (1, 4)), (8, 2, 4, (2, 4))])
-def test_layout_resolution(nproc, ep, tp, want):
-    assert C.resolve_layout(nproc, ep, tp) == want
+@pytest.mark.parametrize("nproc, dp, ep, tp, want", [(4, None, None, None, (2, 2, 1)), (2, None, None, None, (1, 2, 1)),
+                                                     (6, None, None, None, (2, 3, 1)), (3, None, None, None, (1, 3, 1)),
+                                                     (1, None, None, None, (1, 1, 1)), (4, None, 4, None, (1, 4, 1)),
+                                                     (4, None, None, 4, (1, 1, 4)), (8, None, 2, 4, (1, 2, 4)),
+                                                     (4, None, 2, 2, (1, 2, 2)), (8, 2, None, 2, (2, 2, 2)),
+                                                     (4, 4, None, None, (4, 1, 1)), (8, 2, 2, 2, (2, 2, 2))])
+def test_layout_resolution(nproc, dp, ep, tp, want):
+    assert C.resolve_layout(nproc, ep, tp, dp) == want
 
 
 def test_layout_names():
@@ -190,6 +197,8 @@ def test_layout_names():
              for e, t in [(2, 2), (2, 1), (1, 2), (1, 1)]}
     assert names == {(2, 2): ("ExpertTensorParallel", "ETP 2x2"), (2, 1): ("ExpertParallel", "EP 2"),
                      (1, 2): ("TensorParallel", "TP 2"), (1, 1): ("single process", "single")}
+    assert [C.RunSpec("torch", 2 * e * t, e, t, 1, m, dp=2).layout for e, t in [(2, 1), (2, 2), (1, 1)]] == \
+        ["dp 2 x EP 2", "dp 2 x ETP 2x2", "dp 2"]
     spec = C.RunSpec("torch", 4, 2, 2, 5, m)
     assert C.RunSpec.from_json(spec.to_json()) == spec
 

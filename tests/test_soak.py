@@ -57,7 +57,7 @@ def test_quick_soak_memory_stays_flat_and_loss_matches_one_process(backend, tmp_
     rep = json.loads(out.read_text())
     steps = soak.QUICK.steps
     assert rep["meta"]["sample_steps"] == [1, steps // 2, steps] and rep["meta"]["nproc"] == 4
-    assert rep["meta"]["layout"] == "ETP 2x2" and rep["ok"] is True
+    assert rep["meta"]["layout"] == "dp 2 x EP 2" and rep["ok"] is True
     b = rep["backends"][backend]
     procs = {kind: run["processes"] for kind, run in b["runs"].items()}
     assert [p["rank"] for p in procs["parallel"]] == [0, 1, 2, 3] and [p["rank"] for p in procs["reference"]] == [0]
@@ -85,7 +85,7 @@ def test_a_run_past_its_timeout_fails_the_soak_with_every_rank_stopped():
     pytest.importorskip("torch")
     r = run_bench(["--soak", "--quick", "--backends", "torch", "--timeout", "1", "--no-progress"], timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "the soak failed: the torch parallel run (4 processes, ETP 2x2) failed with exit code 124" in r.stderr
+    assert "the soak failed: the torch parallel run (4 processes, dp 2 x EP 2) failed with exit code 124" in r.stderr
     assert "timed out after 1 s; all 4 ranks were stopped" in r.stderr and r.stdout == ""
 
 
@@ -96,8 +96,8 @@ def test_a_run_past_its_timeout_fails_the_soak_with_every_rank_stopped():
     (["--max-growth", "1"], "--max-growth applies to --soak only"),
     (["--soak", "--steps", "1"], "--steps 1 is not allowed: a soak needs at least 2 steps"),
     (["--soak", "--nproc", "0"], "--nproc 0 is not allowed: it must be a positive integer"),
-    (["--soak", "--nproc", "3"], "--nproc 3 does not fit the soak's model: the demo lays 3 processes out as ep 3 x "
-                                 "tp 1, and --ep 3 does not divide the number of experts (8"),
+    (["--soak", "--nproc", "3"], "--nproc 3 does not fit the soak's model: the demo lays 3 processes out as dp 1 x "
+                                 "ep 3 x tp 1, and --ep 3 does not divide the number of experts (8"),
     (["--soak", "--max-growth", "-1"], "--max-growth -1 is not allowed: it must be a finite number of MiB per step"),
     (["--soak", "--max-growth", "inf"], "--max-growth inf is not allowed"),
     (["--soak", "--timeout", "0"], "--timeout 0 is not allowed: it must be a positive, finite number of seconds"),
@@ -125,8 +125,8 @@ def test_sample_steps():
 def test_plan_samples_every_run_at_the_same_steps():
     runs = soak.plan(["torch", "mindspore"], soak.FULL)
     assert [(kind, s.backend, s.nproc, s.layout) for kind, s in runs] == [
-        ("parallel", "torch", 4, "ETP 2x2"), ("reference", "torch", 1, "single"),
-        ("parallel", "mindspore", 4, "ETP 2x2"), ("reference", "mindspore", 1, "single")]
+        ("parallel", "torch", 4, "dp 2 x EP 2"), ("reference", "torch", 1, "single"),
+        ("parallel", "mindspore", 4, "dp 2 x EP 2"), ("reference", "mindspore", 1, "single")]
     assert all(s.memory_steps == (1, 100, 200) and s.steps == 200 and s.model == C.ModelConfig() for _, s in runs)
     spec = runs[0][1]
     assert C.RunSpec.from_json(spec.to_json()) == spec  # the tuple survives the JSON the ranks read

@@ -84,17 +84,17 @@ def plan(backends: Sequence[str], size: SoakSize) -> list[tuple[str, C.RunSpec]]
     if size.steps < 2:
         raise C.DemoInputError(f"--steps {size.steps} is not allowed: a soak needs at least 2 steps (memory is "
                                f"compared between samples)")
-    ep, tp = C.resolve_layout(size.nproc, None, None)
+    dp, ep, tp = C.resolve_layout(size.nproc, None, None)
     try:
-        C.check_model(size.model, ep, tp, size.steps)
+        C.check_model(size.model, ep, tp, size.steps, dp)
     except C.DemoInputError as e:
         raise C.DemoInputError(f"--nproc {size.nproc} does not fit the soak's model: the demo lays {size.nproc} "
-                               f"processes out as ep {ep} x tp {tp}, and {e}") from None
+                               f"processes out as dp {dp} x ep {ep} x tp {tp}, and {e}") from None
     memory = sample_steps(size.steps)
     runs = []
     for b in backends:
         runs.append(("parallel", C.RunSpec(backend=b, nproc=size.nproc, ep=ep, tp=tp, steps=size.steps,
-                                           model=size.model, memory_steps=memory)))
+                                           model=size.model, memory_steps=memory, dp=dp)))
         runs.append(("reference", C.RunSpec(backend=b, nproc=1, ep=1, tp=1, steps=size.steps, model=size.model,
                                             memory_steps=memory)))
     return runs

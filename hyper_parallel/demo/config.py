@@ -1,18 +1,19 @@
-"""The demo's options, how ``--nproc``, ``--ep`` and ``--tp`` become a layout, and every check on them.
+"""The demo's options, how ``--nproc``, ``--dp``, ``--ep`` and ``--tp`` become a layout, and every check on them.
 
 Nothing here imports a framework: the checks run before any process is started, so bad input costs nothing and
 leaves nothing behind.
 
-The processes form an ``ep x tp`` grid (``ep * tp = nproc``). The ``ep`` axis doubles as the data-parallel axis
-(expert parallelism borrows the data-parallel ranks, as in torchtitan): each of its ranks trains on its own equal
-shard of the global batch, while the ranks of one ``tp`` line hold the same tokens.
+The processes form a ``dp x ep x tp`` grid (``dp * ep * tp = nproc``). The ``dp`` and ``ep`` axes are data axes:
+each of their ranks trains on its own equal shard of the global batch (expert parallelism runs inside data
+parallelism, its ranks holding different tokens too, as in torchtitan and Megatron-Core), while the ranks of one
+``tp`` line hold the same tokens. :class:`~hyper_parallel.DataParallel` over ``("dp", "ep")`` makes every gradient
+that of the global batch.
 
 | given | layout |
 |---|---|
-| nothing | even ``nproc >= 4``: ``tp = 2``, ``ep = nproc / 2`` (4 processes: ETP 2x2); else ``ep = nproc`` |
-| ``--ep`` only | ``tp = nproc / ep`` |
-| ``--tp`` only | ``ep = nproc / tp`` |
-| both | ``ep * tp`` must equal ``nproc`` |
+| nothing | even ``nproc >= 4``: ``dp = 2``, ``ep = nproc / 2`` (4 processes: dp 2 x EP 2); else ``ep = nproc`` |
+| some of ``--dp``, ``--ep``, ``--tp`` | an unset ``dp`` or ``tp`` is 1, an unset ``ep`` takes the rest |
+| all three | ``dp * ep * tp`` must equal ``nproc`` |
 
 ``ep > 1, tp > 1``: :class:`~hyper_parallel.ExpertTensorParallel`; ``tp = 1``: :class:`~hyper_parallel.ExpertParallel`;
 ``ep = 1``: :class:`~hyper_parallel.TensorParallel`; one process: no style.
@@ -53,8 +54,9 @@ class ModelConfig:
     shared_experts: int = 1
     init_std: float = 0.1
     teacher_hidden: int = 16
-    lr: float = 2.0
-    momentum: float = 0.9
+    lr: float = 0.01           # AdamW (torch's semantics: bias-corrected moments, decoupled weight decay)
+    weight_decay: float = 0.01
+    max_norm: float = 1.0      # global-norm gradient clipping over the whole model
     bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free balancing, per step
 
 
@@ -71,6 +73,8 @@ class RunSpec:
     #: 1-based steps after which EVERY rank reports its resident memory (``@@hpdemo`` records of event
     #: ``"memory"``); empty: none (the demo's own runs). Set by the soak (:mod:`hyper_parallel.bench.soak`).
     memory_steps: tuple[int, ...] = ()
+    #: data-parallel replicas of the ``ep x tp`` grid (``dp * ep * tp = nproc``).
+    dp: int = 1
 
     @property
     def style(self) -> str:
@@ -84,19 +88,21 @@ class RunSpec:
 
     @property
     def layout(self) -> str:
-        """Short layout name for tables and legends: ``ETP 2x2``, ``EP 4``, ``TP 2``, ``single``."""
+        """Short layout name for tables and legends: ``dp 2 x EP 2``, ``ETP 2x2``, ``EP 4``, ``TP 2``, ``single``."""
         if self.ep > 1 and self.tp > 1:
-            return f"ETP {self.ep}x{self.tp}"
-        if self.ep > 1:
-            return f"EP {self.ep}"
-        if self.tp > 1:
-            return f"TP {self.tp}"
-        return "single"
+            grid = f"ETP {self.ep}x{self.tp}"
+        elif self.ep > 1:
+            grid = f"EP {self.ep}"
+        elif self.tp > 1:
+            grid = f"TP {self.tp}"
+        else:
+            grid = "single" if self.dp == 1 else ""
+        return grid if self.dp == 1 else f"dp {self.dp}" + (f" x {grid}" if grid else "")
 
     @property
     def data_parallel(self) -> int:
-        """How many distinct shards the global batch is cut into (the ``ep`` axis)."""
-        return self.ep
+        """How many distinct shards the global batch is cut into (the ``dp`` and ``ep`` axes)."""
+        return self.dp * self.ep
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -109,35 +115,38 @@ class RunSpec:
         return cls(**d)
 
 
-def resolve_layout(nproc: int, ep: int | None, tp: int | None) -> tuple[int, int]:
-    """``(ep, tp)`` from the options (table in the module docstring).
+def resolve_layout(nproc: int, ep: int | None, tp: int | None, dp: int | None = None) -> tuple[int, int, int]:
+    """``(dp, ep, tp)`` from the options (table in the module docstring).
 
     Raises:
-        DemoInputError: a size is not positive, or the sizes do not form an ``ep x tp = nproc`` grid.
+        DemoInputError: a size is not positive, or the sizes do not form a ``dp x ep x tp = nproc`` grid.
     """
-    for flag, value in (("--nproc", nproc), ("--ep", ep), ("--tp", tp)):
+    for flag, value in (("--nproc", nproc), ("--dp", dp), ("--ep", ep), ("--tp", tp)):
         if value is not None and value < 1:
             raise DemoInputError(f"{flag} {value} is not allowed: it must be a positive integer")
-    if ep is None and tp is None:
-        tp = 2 if nproc >= 4 and nproc % 2 == 0 else 1
-        return nproc // tp, tp
-    if tp is None:
-        if nproc % ep:
-            raise DemoInputError(f"--ep {ep} does not divide --nproc {nproc}: the processes form an ep x tp grid, "
-                                 f"so ep must divide nproc")
-        return ep, nproc // ep
+    if dp is None and ep is None and tp is None:
+        dp = 2 if nproc >= 4 and nproc % 2 == 0 else 1
+        return dp, nproc // dp, 1
+    dp_, tp_ = dp or 1, tp or 1
     if ep is None:
-        if nproc % tp:
-            raise DemoInputError(f"--tp {tp} does not divide --nproc {nproc}: the processes form an ep x tp grid, "
-                                 f"so tp must divide nproc")
-        return nproc // tp, tp
-    if ep * tp != nproc:
-        raise DemoInputError(f"--ep {ep} x --tp {tp} = {ep * tp} processes, but --nproc is {nproc}: the processes "
-                             f"form an ep x tp grid, so ep * tp must equal nproc")
-    return ep, tp
+        if nproc % (dp_ * tp_):
+            given = " x ".join(f"--{n} {v}" for n, v in (("dp", dp), ("tp", tp)) if v is not None)
+            raise DemoInputError(f"{given} does not divide --nproc {nproc}: the processes form a dp x ep x tp grid, "
+                                 f"so {'dp * tp' if dp and tp else 'dp' if dp else 'tp'} must divide nproc")
+        return dp_, nproc // (dp_ * tp_), tp_
+    if dp is None and tp is None:
+        if nproc % ep:
+            raise DemoInputError(f"--ep {ep} does not divide --nproc {nproc}: the processes form a dp x ep x tp "
+                                 f"grid, so ep must divide nproc")
+        return 1, ep, nproc // ep
+    if dp_ * ep * tp_ != nproc:
+        sizes = " x ".join(f"--{n} {v}" for n, v in (("dp", dp), ("ep", ep), ("tp", tp)) if v is not None)
+        raise DemoInputError(f"{sizes} = {dp_ * ep * tp_} processes, but --nproc is {nproc}: the processes form a "
+                             f"dp x ep x tp grid, so dp * ep * tp must equal nproc")
+    return dp_, ep, tp_
 
 
-def check_model(model: ModelConfig, ep: int, tp: int, steps: int) -> None:
+def check_model(model: ModelConfig, ep: int, tp: int, steps: int, dp: int = 1) -> None:
     """Raise :class:`DemoInputError` when the model, the task or the run length does not fit the layout."""
     if steps < 1:
         raise DemoInputError(f"--steps {steps} is not allowed: it must be a positive integer")
@@ -153,8 +162,9 @@ def check_model(model: ModelConfig, ep: int, tp: int, steps: int) -> None:
     if model.hidden % tp:
         raise DemoInputError(f"--tp {tp} does not divide the experts' hidden size ({model.hidden}): each "
                              f"tensor-parallel rank must own an equal slice of every expert")
-    if model.tokens % ep:
-        raise DemoInputError(f"--tokens {model.tokens} is not divisible by --ep {ep}: each expert-parallel rank "
+    if model.tokens % (dp * ep):
+        what = f"--ep {ep}" if dp == 1 else f"dp x ep = {dp * ep}"
+        raise DemoInputError(f"--tokens {model.tokens} is not divisible by {what}: each data-parallel rank "
                              f"trains on an equal shard of the global batch")
 
 

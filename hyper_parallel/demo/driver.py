@@ -1,6 +1,7 @@
 """``hyper-parallel demo``: train a small MoE on N local processes and check it against one process.
 
-    hyper-parallel demo                        # torch, 4 processes, ExpertTensorParallel 2x2
+    hyper-parallel demo                        # torch, 4 processes: dp 2 x ExpertParallel 2
+    hyper-parallel demo --ep 2 --tp 2          # ExpertTensorParallel 2x2
     hyper-parallel demo --backend mindspore    # or HYPER_PARALLEL_PLATFORM=mindspore
     hyper-parallel demo --nproc 2 --ep 2       # ExpertParallel over 2 processes
     hyper-parallel demo --compare-backends     # the same job on torch and on MindSpore
@@ -39,10 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train a small seeded MoE model on N local processes and check its loss "
                 "curve against a single-process run of the same job. Writes summary.json and demo.png into --out.")
     p.add_argument("--nproc", type=int, default=4, help="local processes of the parallel run (default 4)")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel replicas of the ep x tp grid; default: 2 when nproc is even and >= 4 and no "
+                        "other size is given, else 1")
     p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel degree (also the data-parallel degree); default: nproc / tp")
+                   help="expert-parallel degree (its ranks feed different tokens too); default: nproc / (dp * tp)")
     p.add_argument("--tp", type=int, default=None,
-                   help="tensor-parallel degree of every expert; default: 2 when nproc is even and >= 4, else 1")
+                   help="tensor-parallel degree of every expert (its ranks hold the same tokens); default 1")
     p.add_argument("--steps", type=int, default=60, help="training steps (default %(default)s)")
     p.add_argument("--backend", default=None,
                    help="torch or mindspore (default: $HYPER_PARALLEL_PLATFORM, else torch)")
@@ -79,9 +83,9 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str
         backends = list(C.COMPARE_BACKENDS)
     else:
         backends = [C.resolve_backend(args.backend)]
-    ep, tp = C.resolve_layout(args.nproc, args.ep, args.tp)
+    dp, ep, tp = C.resolve_layout(args.nproc, args.ep, args.tp, args.dp)
     model = C.ModelConfig(seed=args.seed, tokens=args.tokens, experts=args.experts, layers=args.layers)
-    C.check_model(model, ep, tp, args.steps)
+    C.check_model(model, ep, tp, args.steps, dp)
     if not args.timeout > 0:
         raise C.DemoInputError(f"--timeout {args.timeout} is not allowed: it must be a positive number of seconds")
     C.check_plotting()
@@ -92,7 +96,7 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str
     runs = []
     for b in backends:
         runs.append(("parallel", C.RunSpec(backend=b, nproc=args.nproc, ep=ep, tp=tp, steps=args.steps,
-                                           model=model)))
+                                           model=model, dp=dp)))
         runs.append(("reference", C.RunSpec(backend=b, nproc=1, ep=1, tp=1, steps=args.steps, model=model)))
     return args, runs
 
@@ -147,8 +151,8 @@ def run_one(spec: C.RunSpec, kind: str, out_dir: str, timeout_s: float, progress
         raise _RunFailed(f"the {spec.backend} {kind} run reported {len(sink.steps)} of {spec.steps} steps", 1)
     steps = sorted(sink.steps, key=lambda r: r["step"])
     losses = [r["loss"] for r in steps]
-    return {"backend": spec.backend, "kind": kind, "nproc": spec.nproc, "ep": spec.ep, "tp": spec.tp,
-            "style": spec.style, "layout": spec.layout, "losses": losses, "first_loss": losses[0],
+    return {"backend": spec.backend, "kind": kind, "nproc": spec.nproc, "dp": spec.dp, "ep": spec.ep,
+            "tp": spec.tp, "style": spec.style, "layout": spec.layout, "losses": losses, "first_loss": losses[0],
             "last_loss": losses[-1], "step_time_s": [r["time_s"] for r in steps],
             "tokens_per_s": tokens_per_second(steps, spec.model.tokens), "wall_s": wall,
             "params": (sink.start or {}).get("params"), "load": [r["load"] for r in steps],
@@ -168,7 +172,8 @@ def summarize(runs: list[tuple[str, C.RunSpec]], results: dict) -> dict:
     par_spec = runs[0][1]
     summary: dict = {
         "config": {**dataclasses.asdict(par_spec.model), "steps": par_spec.steps, "nproc": par_spec.nproc,
-                   "ep": par_spec.ep, "tp": par_spec.tp, "style": par_spec.style, "layout": par_spec.layout},
+                   "dp": par_spec.dp, "ep": par_spec.ep, "tp": par_spec.tp, "style": par_spec.style,
+                   "layout": par_spec.layout},
         "backends": backends, "runs": results, "parity": {}, "cross_backend": None,
     }
     for b in backends:

@@ -1,19 +1,20 @@
 """What every rank of a demo run executes: ``python -m hyper_parallel.demo.train SPEC_JSON``.
 
 Framework-neutral: the model is built from :class:`~hyper_parallel.moe.MoE` layers for the active backend, the
-gradients come from ``Platform.value_and_grad``, and the optimizer is plain SGD with momentum written with tensor
-arithmetic and ``Platform.replace_parameter``.
+gradients come from ``Platform.value_and_grad``, and the optimizer is AdamW written with tensor arithmetic and
+``Platform.replace_parameter`` (the same numbers on both frameworks, so ``--compare-backends`` compares them step by
+step; the frameworks' own optimizers are shown on the Training docs page).
 
 One training step on a rank:
 
-1. take this rank's shard of the step's global batch (:class:`~hyper_parallel.demo.task.TeacherTask`);
-2. ``loss = sum((model(x) - y)^2) / (global tokens * dim)``, so the sum of the ranks' losses over the data axis
-   is the mean over the whole global batch, and its gradient is the global-batch gradient;
-3. ONE ``all_reduce`` over the data (``ep``) axis carries, flattened together: the gradients of the replicated
-   parameters (router gates, shared experts), the loss, and the per-expert token loads. Sharded expert weights
-   need none: dispatch brings every data shard's tokens to them, so their gradients are complete already;
-4. SGD with momentum on every parameter; the expert bias (DeepSeek-V3 aux-loss-free balancing) moves from the
-   global loads.
+1. take this rank's shard of the step's global batch (:class:`~hyper_parallel.demo.task.TeacherTask`): every rank
+   of the ``dp`` and ``ep`` axes its own, the ranks of a ``tp`` line the same;
+2. ``loss = mean((model(x) - y)^2)`` over this rank's tokens;
+3. :func:`~hyper_parallel.reduce_gradients`: :class:`~hyper_parallel.DataParallel` over ``("dp", "ep")`` makes every
+   gradient that of the global batch (replicated parameters averaged in one flat all-reduce per bucket, expert
+   shards scaled);
+4. :func:`~hyper_parallel.clip_grads` by the norm of the whole model's gradient, then AdamW on every parameter; the
+   expert bias (DeepSeek-V3 aux-loss-free balancing) moves from the loads summed over the data ranks.
 
 Rank 0 prints one ``@@hpdemo {json}`` line per step (loss, step time, loads) for the driver to read. After each
 step listed in ``RunSpec.memory_steps`` (1-based), every rank also prints a ``memory`` record with its current
@@ -28,12 +29,15 @@ import sys
 import time
 
 from hyper_parallel import (
+    DataParallel,
     ExpertParallel,
     ExpertTensorParallel,
     TensorParallel,
+    clip_grads,
     get_parameter_spec,
     get_platform,
     init_device_mesh,
+    reduce_gradients,
 )
 from hyper_parallel.demo.config import RunSpec
 from hyper_parallel.demo.model import build_model
@@ -60,27 +64,35 @@ def resident_mib() -> tuple[float, str]:
         return peak / (2**20 if sys.platform == "darwin" else 2**10), "peak"
 
 
-class MomentumSGD:
-    """``v = momentum * v + g``; ``w = w - lr * v``: tensor arithmetic, then ``Platform.replace_parameter``.
+class AdamW:
+    """torch's AdamW in tensor arithmetic (bias-corrected moments, decoupled weight decay), then
+    ``Platform.replace_parameter``: ``w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)``.
 
     Args:
         slots: ``(owner_module, attribute)`` of every trained parameter; looked up afresh each step because
             ``replace_parameter`` installs a new Parameter object.
     """
 
-    def __init__(self, slots: list[tuple], lr: float, momentum: float):
-        self.slots, self.lr, self.momentum = slots, lr, momentum
-        self.velocity: list = [None] * len(slots)
+    def __init__(self, slots: list[tuple], lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.slots, self.lr, self.weight_decay, self.betas, self.eps = slots, lr, weight_decay, betas, eps
+        self.m: list = [None] * len(slots)
+        self.v: list = [None] * len(slots)
+        self.t = 0
 
     def params(self) -> list:
         return [getattr(owner, name) for owner, name in self.slots]
 
     def step(self, grads) -> None:
         p = get_platform()
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for i, ((owner, name), g) in enumerate(zip(self.slots, grads)):
-            v = g if self.velocity[i] is None else self.velocity[i] * self.momentum + g
-            self.velocity[i] = v
-            p.replace_parameter(owner, name, getattr(owner, name) - v * self.lr)
+            self.m[i] = g * (1 - b1) if self.m[i] is None else self.m[i] * b1 + g * (1 - b1)
+            self.v[i] = g * g * (1 - b2) if self.v[i] is None else self.v[i] * b2 + g * g * (1 - b2)
+            w = getattr(owner, name)
+            update = (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + self.eps) + w * self.weight_decay
+            p.replace_parameter(owner, name, w - update * self.lr)
 
 
 def _trained_slots(model) -> tuple[list[tuple], list[bool]]:
@@ -99,24 +111,27 @@ def _trained_slots(model) -> tuple[list[tuple], list[bool]]:
 
 
 def _parallelize(model, spec: RunSpec):
-    """Apply the layout's style to every layer's experts; return ``(data_group, data_rank)``."""
+    """Apply the layout's style to every layer's experts and DataParallel to the model; return the rank's data
+    shard index."""
     p = get_platform()
     if spec.nproc == 1:
-        return None, 0
+        return 0
+    axes = [(n, s) for n, s in (("dp", spec.dp), ("ep", spec.ep), ("tp", spec.tp)) if s > 1]
+    mesh = init_device_mesh(p.device_type, tuple(s for _, s in axes), mesh_dim_names=tuple(n for n, _ in axes))
     if spec.ep > 1 and spec.tp > 1:
-        mesh = init_device_mesh(p.device_type, (spec.ep, spec.tp), mesh_dim_names=("ep", "tp"))
-        style, data = ExpertTensorParallel(), mesh["ep"]
+        style, experts_mesh = ExpertTensorParallel(), mesh["ep", "tp"]
     elif spec.ep > 1:
-        mesh = init_device_mesh(p.device_type, (spec.ep,), mesh_dim_names=("ep",))
-        style, data = ExpertParallel(), mesh
+        style, experts_mesh = ExpertParallel(), mesh["ep"]
     else:
-        mesh = init_device_mesh(p.device_type, (spec.tp,), mesh_dim_names=("tp",))
-        style, data = TensorParallel(), None
+        style, experts_mesh = TensorParallel(), mesh["tp"]
     for layer in model.moe_layers():
-        style.apply(layer.experts, mesh)  # one style object serves every layer
-    if data is None:
-        return None, 0
-    return data.get_group(), data.get_local_rank()
+        style.apply(layer.experts, experts_mesh)  # one style object serves every layer
+    data_axes = tuple(n for n, _ in axes if n != "tp")
+    if data_axes:
+        DataParallel(data_axes=data_axes).apply(model, mesh)
+    dp_rank = mesh.get_local_rank("dp") if spec.dp > 1 else 0
+    ep_rank = mesh.get_local_rank("ep") if spec.ep > 1 else 0
+    return dp_rank * spec.ep + ep_rank
 
 
 def train(spec: RunSpec, emit=print) -> list[dict]:
@@ -128,13 +143,12 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
     p.manual_seed(cfg.seed)
     rank = p.get_rank() if spec.nproc > 1 else 0
     model = build_model(cfg)
-    data_group, data_rank = _parallelize(model, spec)
+    data_rank = _parallelize(model, spec)
     slots, replicated = _trained_slots(model)
-    opt = MomentumSGD(slots, cfg.lr, cfg.momentum)
+    opt = AdamW(slots, cfg.lr, cfg.weight_decay)
     task = TeacherTask(dim=cfg.dim, experts=cfg.experts, hidden=cfg.teacher_hidden, tokens=cfg.tokens,
                        seed=cfg.seed)
     layers = model.moe_layers()
-    scale = 1.0 / (cfg.tokens * cfg.dim)
     records = []
     if rank == 0:
         emit(RECORD_PREFIX + json.dumps({"event": "start", "params": _count_params(model, replicated, spec)}))
@@ -145,24 +159,21 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
 
         def loss_fn():
             d = model(x) - y
-            return (d * d).sum() * scale
+            return (d * d).mean()  # the mean over this rank's tokens, as DataParallel's contract has it
 
-        loss, _, grads = p.value_and_grad(loss_fn, [], opt.params())
-        grads = list(grads)
-        loads = p.cat([layer.tokens_per_expert for layer in layers])
-        # one all_reduce over the data axis: replicated gradients, the loss and the loads, flattened together
-        parts = [g.reshape(-1) for g, rep in zip(grads, replicated) if rep] + [loss.reshape(1), loads]
-        flat = p.cat(parts)
-        if data_group is not None:
-            flat = p.all_reduce(flat, "sum", group=data_group)
-        offset = 0
-        for i, rep in enumerate(replicated):
-            if rep:
-                n = _numel(grads[i])
-                grads[i] = flat[offset:offset + n].reshape(tuple(grads[i].shape))
-                offset += n
-        loss_g, loads_g = flat[offset:offset + 1], flat[offset + 1:]
+        params = opt.params()
+        loss, _, grads = p.value_and_grad(loss_fn, [], params)
+        if spec.data_parallel > 1:
+            grads = reduce_gradients(model, grads, params)  # every gradient now that of the global batch
+        grads, _ = clip_grads(grads, params, cfg.max_norm)
         opt.step(grads)
+        loads = p.cat([layer.tokens_per_expert for layer in layers])
+        stats = p.cat([loss.reshape(1), loads])
+        if spec.nproc > 1:
+            # the mean loss over the data ranks and their summed loads (a tp line's ranks hold the same tokens)
+            stats = p.all_reduce(stats, "sum") / spec.tp
+            stats = p.cat([stats[:1] / spec.data_parallel, stats[1:]])
+        loss_g, loads_g = stats[:1], stats[1:]
         E = cfg.experts
         for i, layer in enumerate(layers):
             new_bias = update_expert_bias(layer.expert_bias, loads_g[i * E:(i + 1) * E], cfg.bias_update_rate)

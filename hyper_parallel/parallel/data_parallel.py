@@ -63,8 +63,9 @@ class GradientReducer:
     :attr:`names`, and :attr:`buckets` in the order their all-reduces are issued (the reverse of the parameters'
     order, which is roughly the order backward produces their gradients)."""
 
-    def __init__(self, params: list, names: list[str], buckets: list[Bucket]):
+    def __init__(self, params: list, names: list[str], buckets: list[Bucket], model=None):
         self.params, self.names, self.buckets = params, names, buckets
+        self._model = model  # to find parameters replaced since (Platform.replace_parameter) by their names
 
     def reduce(self, grads: Sequence, params: Sequence | None = None) -> tuple:
         """The reduced gradients (``None`` counts as zeros) of :attr:`params`, or of ``params`` (the same
@@ -72,6 +73,9 @@ class GradientReducer:
         p = get_platform()
         if params is not None:
             position = {id(q): i for i, q in enumerate(self.params)}
+            if self._model is not None and any(id(q) not in position for q in params):
+                index = {name: i for i, name in enumerate(self.names)}
+                position = {id(q): index[name] for name, q, _ in named_parameter_specs(self._model) if name in index}
             order = [position.get(id(q)) for q in params]
             if len(order) != len(self.params) or None in order or sorted(order) != list(range(len(order))):
                 raise ValueError("reduce_gradients: params must be the model's trainable parameters, each once (got "
@@ -183,7 +187,7 @@ class DataParallel(ParallelStyle):
             axes, scale = self._reduction(module, name, spec, device_mesh)
             plan.append((name, param, axes, scale))
         reducer = GradientReducer([q for _, q, _, _ in plan], [n for n, _, _, _ in plan],
-                                  self._buckets(plan, device_mesh))
+                                  self._buckets(plan, device_mesh), module)
         object.__setattr__(module, _REDUCER_ATTR, reducer)
         p.register_gradient_reducer(module, reducer)
         _log.info("DataParallel over %s: %d parameters in %d buckets", list(self.data_axes), len(plan),
