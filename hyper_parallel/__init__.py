@@ -52,6 +52,16 @@ except ValueError as _e:
 
     warnings.warn(f"{_e}; logging stays off", RuntimeWarning, stacklevel=2)
 
+
+def __getattr__(name: str):
+    # hyper_parallel.checkpoint imports NumPy, which `import hyper_parallel` does not: loaded on first use
+    if name == "checkpoint":
+        import importlib
+
+        return importlib.import_module("hyper_parallel.checkpoint")
+    raise AttributeError(f"module 'hyper_parallel' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (setuptools dynamic)
 
 __all__ = [
@@ -61,5 +71,5 @@ __all__ = [
     "Partial", "Placement", "Platform", "PrepareModuleInput", "PrepareModuleOutput", "Replicate", "RowwiseParallel",
     "Shard", "StridedShard", "available_backends", "distribute_module", "distribute_parameter", "distribute_tensor",
     "full_parameter", "get_parameter_spec", "get_platform", "init_device_mesh", "named_parameter_specs",
-    "parallelize_module", "__version__",
+    "parallelize_module", "checkpoint", "__version__",
 ]

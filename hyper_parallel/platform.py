@@ -417,13 +417,21 @@ class Platform(abc.ABC):
 
     @abc.abstractmethod
     def tensor(self, data: Sequence, *, dtype: str = "float32", device=None):
-        """A tensor built from a (nested) Python list, on ``device`` (default: this process's device)."""
+        """A tensor built from a (nested) Python list or a NumPy array, on ``device`` (default: this process's
+        device)."""
 
     def tolist(self, x) -> list:
         """Copy ``x`` to the host as a (nested) Python list. This is the ONE device-to-host sync the neutral core
-        uses; it is counted as ``"host_sync"`` by :meth:`count_calls`."""
+        uses on its training path; it is counted as ``"host_sync"`` by :meth:`count_calls`."""
         self._record("host_sync")
         return self._tolist(x)
+
+    def to_numpy(self, x):
+        """Copy ``x`` to the host as a NumPy array of its shape, for bulk data (checkpoints): bfloat16, which NumPy
+        lacks, comes back as float32 (which holds every bfloat16 value exactly). The array may share memory with a
+        host tensor: copy it before ``x`` changes if you keep it. Counted as ``"host_sync"``."""
+        self._record("host_sync")
+        return self._to_numpy(x)
 
     # ------------------------------------------------------------------ modules
     @abc.abstractmethod
@@ -439,6 +447,19 @@ class Platform(abc.ABC):
         """Make ``module.<name>`` a new Parameter holding ``tensor`` (keeping ``requires_grad``); return it.
 
         This is how a parameter comes to hold its local shard."""
+
+    def assign(self, param, value) -> None:
+        """Overwrite the values of ``param`` (a Parameter) in place with ``value`` (same shape; cast to
+        ``param``'s dtype), keeping the object, so optimizers and hooks holding it see the new values. Not
+        differentiable: for module state and checkpoint loads.
+
+        Raises:
+            ValueError: the shapes differ.
+        """
+        if tuple(param.shape) != tuple(value.shape):
+            raise ValueError(f"assign: the value's shape {list(value.shape)} differs from the parameter's "
+                             f"{list(param.shape)}")
+        self._assign(param, value)
 
     def register_forward_pre_hook(self, module, hook: Callable):
         """Call ``hook(module, args)`` before ``module``'s forward; a non-None result replaces ``args`` (a tuple).
@@ -602,3 +623,11 @@ class Platform(abc.ABC):
 
     @abc.abstractmethod
     def _tolist(self, x) -> list: ...
+
+    @abc.abstractmethod
+    def _to_numpy(self, x):
+        """A NumPy array of ``x``'s values on the host (bfloat16 as float32)."""
+
+    @abc.abstractmethod
+    def _assign(self, param, value) -> None:
+        """Copy ``value`` (same shape) into ``param`` in place, cast to its dtype, outside autograd."""

@@ -516,6 +516,12 @@ class MindSporePlatform(Platform):
             x = x.astype(mindspore.float32)
         return x.asnumpy().tolist()
 
+    def _to_numpy(self, x):
+        _refuse_capture("to_numpy (a host sync)", x)
+        if x.dtype == mindspore.bfloat16:  # NumPy has no bfloat16; float32 holds each value exactly
+            x = x.astype(mindspore.float32)
+        return x.asnumpy()
+
     # ------------------------------------------------------------------ modules
     def named_modules(self, module) -> list:
         return list(module.cells_and_names())
@@ -529,6 +535,13 @@ class MindSporePlatform(Platform):
         param = mindspore.Parameter(_copy(tensor), name=old.name, requires_grad=old.requires_grad)
         setattr(module, name, param)
         return param
+
+    def _assign(self, param, value) -> None:
+        if value.dtype != param.dtype:
+            value = value.astype(param.dtype)
+        # set_data keeps the Parameter object (an optimizer's reference stays valid); a fresh copy, so the
+        # parameter never aliases the caller's tensor
+        param.set_data(_copy(value))
 
     def recompute_phase(self) -> str | None:
         # MindSpore runs a recomputed Cell's first forward from the recompute cell's construct, without autograd,

@@ -355,6 +355,12 @@ class TorchPlatform(Platform):
     def _tolist(self, x) -> list:
         return x.detach().cpu().tolist()
 
+    def _to_numpy(self, x):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds each value exactly
+            x = x.float()
+        return x.cpu().numpy()
+
     # ------------------------------------------------------------------ modules
     def named_modules(self, module) -> list:
         return list(module.named_modules())
@@ -367,6 +373,10 @@ class TorchPlatform(Platform):
         param = torch.nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad)
         setattr(module, name, param)
         return param
+
+    def _assign(self, param, value) -> None:
+        with torch.no_grad():
+            param.copy_(value)
 
     def register_sharded_state_dict(self, module) -> None:
         # Imported here: the DCP bridge pulls in torch.distributed.tensor, which only sharded models need.

@@ -178,7 +178,7 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
         for i, layer in enumerate(layers):
             new_bias = update_expert_bias(layer.expert_bias, loads_g[i * E:(i + 1) * E], cfg.bias_update_rate)
             p.replace_parameter(layer, "expert_bias", new_bias)
-            layer.tokens_per_expert = p.zeros((E,))
+            p.assign(layer.tokens_per_expert, p.zeros((E,)))
         host = p.tolist(p.cat([loss_g, loads_g]))  # the step's one host sync (besides dispatch's)
         record = {"event": "step", "step": step, "loss": host[0], "time_s": time.perf_counter() - t0,
                   "load": [int(round(v)) for v in host[1:]]}

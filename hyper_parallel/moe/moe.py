@@ -89,6 +89,9 @@ class MoEMixin:
     reorderer_class: type
     #: The routed and shared experts' class (``GroupedExperts`` of the same framework).
     experts_class: type
+    #: Module state each rank holds for itself rather than a replica of a shared value: the loads this rank counted
+    #: since the last :meth:`update_expert_bias`. :mod:`hyper_parallel.checkpoint` keeps one value per rank.
+    rank_local_state: tuple[str, ...] = ("tokens_per_expert",)
 
     def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, top_k: int, num_shared_experts: int = 0,
                  score_func: str = "softmax", route_norm: bool = False, route_scale: float = 1.0,
@@ -112,8 +115,9 @@ class MoEMixin:
         self.routing_stats: RoutingStats | None = None
         self.expert_bias = None
         if use_expert_bias:
+            # module state, in state_dict() on both frameworks: non-trainable parameters (no optimizer steps them)
             self.expert_bias = p.Parameter(p.zeros((num_experts,)), requires_grad=False)
-            self.tokens_per_expert = p.zeros((num_experts,))
+            self.tokens_per_expert = p.Parameter(p.zeros((num_experts,)), requires_grad=False)
 
     def forward(self, x):
         """``x [..., D]`` -> the same shape."""
@@ -126,7 +130,7 @@ class MoEMixin:
         # side effects once per real step: not again when activation checkpointing re-runs this forward in backward
         recomputing = p.recompute_phase() == "again"
         if self.expert_bias is not None and not recomputing:
-            self.tokens_per_expert = self.tokens_per_expert + num_tokens_per_expert_E.float()
+            p.assign(self.tokens_per_expert, self.tokens_per_expert + num_tokens_per_expert_E.float())
         sp_mesh = sequence_parallel_mesh_of(self.reorderer)
         x_routed_TD = x_TD
         if sp_mesh is not None:
@@ -195,4 +199,4 @@ class MoEMixin:
         load = self.tokens_per_expert if group is None else p.all_reduce(self.tokens_per_expert, group=group)
         new_bias = update_expert_bias(self.expert_bias, load, update_rate)
         self.expert_bias = p.replace_parameter(self, "expert_bias", new_bias)
-        self.tokens_per_expert = p.zeros((self.num_experts,))
+        p.assign(self.tokens_per_expert, p.zeros((self.num_experts,)))

@@ -183,3 +183,25 @@ def kernels():
     got = p.kernels.grouped_mm(p.tensor(x.tolist()), p.tensor(w.tolist()), counts)
     _close(p.tolist(got), want, "float32", "grouped_mm")
     return True
+
+
+def host_and_state():
+    """``to_numpy`` (values, shape, bfloat16 as float32), ``assign`` (in place, the same object, shape checked) and
+    ``recompute_phase`` outside any recomputation (``None``)."""
+    p = get_platform()
+    x = p.tensor([[1.5, -2.0, 3.25]], dtype="bfloat16")
+    a = p.to_numpy(x)
+    assert a.shape == (1, 3) and str(a.dtype) == "float32" and a.tolist() == [[1.5, -2.0, 3.25]]
+    assert p.to_numpy(p.tensor([7, 8], dtype="int64")).tolist() == [7, 8]
+    param = p.Parameter(p.zeros((2,)), requires_grad=False)
+    before = id(param)
+    p.assign(param, p.tensor([4.0, 5.0]))
+    assert id(param) == before and p.tolist(param) == [4.0, 5.0]
+    try:
+        p.assign(param, p.zeros((3,)))
+    except ValueError as e:
+        assert "[3]" in str(e) and "[2]" in str(e)
+    else:
+        raise AssertionError("assign accepted a value of another shape")
+    assert p.recompute_phase() is None
+    return True

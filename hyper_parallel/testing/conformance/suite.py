@@ -105,7 +105,8 @@ def conformance_cases() -> list[Case]:
     cases.append(Case("gradients", c.gradients))
     cases += [Case(f"local/{fn.__name__}", fn)
               for fn in (local.factories, local.count_calls, local.value_and_grad_with_params, local.hooks,
-                         local.manual_seed, local.modules, local.autograd_function, local.kernels)]
+                         local.manual_seed, local.modules, local.autograd_function, local.kernels,
+                         local.host_and_state)]
     cases += [Case(f"bad_input/{fn.__name__}", fn, world_survives=True) for fn in (e.bad_splits, e.bad_arguments)]
     cases.append(Case("not_a_member", e.not_a_member, world_sizes=(3, 4)))
     return cases
