@@ -150,6 +150,21 @@ def test_bad_loads_name_what_does_not_fit(worlds, backend, tmp_path):
     worlds.run(backend, 2, cc.bad_loads, str(tmp_path / "ckpt"))
 
 
+@pytest.mark.parametrize("resume_layout,nproc", [("ep", 4), ("one", 1), ("etp", 4)])
+def test_resume_at_another_layout_continues_the_same_run(worlds, backend, tmp_path, resume_layout, nproc):
+    """6 AdamW steps straight at EP 2 against 3 steps, save, load at another layout, 3 more: every step's loss and
+    the final parameters within 1e-6 relative (fp32: the layouts sum in other orders)."""
+    path = str(tmp_path / "ckpt")
+    straight = worlds.run(backend, 2, cc.train_steps, "ep", 0, 6)[0]
+    first = worlds.run(backend, 2, cc.train_steps, "ep", 0, 3, None, path)[0]
+    second = worlds.run(backend, nproc, cc.train_steps, resume_layout, 3, 6, path)[0]
+    losses = first["losses"] + second["losses"]
+    for step, (got, want) in enumerate(zip(losses, straight["losses"])):
+        assert abs(got - want) <= 1e-6 * abs(want), f"step {step}: loss {got} != {want} (straight run)"
+    for name, want in straight["full"].items():
+        cc.assert_rel(second["full"][name].astype(np.float64), want.astype(np.float64), f"final {name}", tol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- across frameworks
 def test_torch_to_mindspore_and_back(worlds, tmp_path):
     """Runs in the MindSpore pass of ci/test.sh (its name holds "mindspore"); needs both frameworks installed, as

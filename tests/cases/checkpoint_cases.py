@@ -217,16 +217,18 @@ class _Trainer:
             return (self.model(x) ** 2).mean()
 
         if self.p.name.startswith("torch"):
-            loss_fn().backward()
+            loss = loss_fn()
+            loss.backward()
             self.opt.step()
             self.opt.zero_grad()
-        else:
-            import mindspore
+            return float(loss)
+        import mindspore
 
-            _, grads = mindspore.value_and_grad(loss_fn, None, self.params)()
-            if self.data_parallel:
-                grads = reduce_gradients(self.model, grads, self.params)
-            self.opt(grads)
+        loss, grads = mindspore.value_and_grad(loss_fn, None, self.params)()
+        if self.data_parallel:
+            grads = reduce_gradients(self.model, grads, self.params)
+        self.opt(grads)
+        return float(loss.asnumpy())
 
 
 def optimizer_state(model, opt) -> dict[str, np.ndarray]:
@@ -477,3 +479,17 @@ def dtypes_round_trip(path: str) -> bool:
         assert p.dtype_name(a.dtype) == p.dtype_name(b.dtype), name
         np.testing.assert_array_equal(p.to_numpy(b), p.to_numpy(a), err_msg=name)
     return True
+
+
+# ---------------------------------------------------------------------------------------------- resume exactness
+def train_steps(layout: str, first: int, last: int, load_from: str | None = None, save_to: str | None = None) -> dict:
+    """AdamW steps ``first .. last - 1`` at ``layout`` (loading ``load_from`` first, saving to ``save_to`` after);
+    returns each step's loss and the final parameters."""
+    model = build(layout, seed=0 if load_from is None else 1)
+    trainer = _Trainer(model, layout)
+    if load_from is not None:
+        assert checkpoint.load(load_from, model, trainer.opt) == {"step": first}
+    losses = [trainer.step(step) for step in range(first, last)]
+    if save_to is not None:
+        checkpoint.save(save_to, model, trainer.opt, extra={"step": last})
+    return {"losses": losses, "full": full_state(model)}
