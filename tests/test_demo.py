@@ -144,6 +144,10 @@ BAD_INPUT = {  # id: (arguments, environment, words the one error line must cont
     "compare-with-backend": (["--compare-backends", "--backend", "torch"], {},
                              ["--backend 'torch'", "--compare-backends"]),
     "unknown-option": (["--frobnicate"], {}, ["unrecognized arguments: --frobnicate"]),
+    "resume-not-saved": (["--resume", "/nonexistent/ckpt"], {}, ["--resume '/nonexistent/ckpt'",
+                                                                 "not a directory written by --save"]),
+    "save-with-compare": (["--save", "/nonexistent/ckpt", "--compare-backends"], {},
+                          ["--save cannot be combined with --compare-backends"]),
 }
 
 
@@ -177,6 +181,35 @@ def test_a_failing_run_stops_every_rank_and_returns_its_exit_code(tmp_path):
     assert r.returncode == 124, r.stdout + r.stderr  # the launcher's timeout code
     assert "timed out" in r.stderr and "failed with exit code 124" in r.stderr
     assert _processes_with(f'"seed": {token}') == []
+
+
+def _losses(out: str, backend: str) -> list[float]:
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)["runs"][f"{backend}/parallel"]["losses"]
+
+
+@pytest.mark.backends("torch")
+def test_save_then_resume_at_another_layout_and_in_mindspore_continues_the_same_run(backend, tmp_path):
+    """--save after 3 steps at dp 2 x EP 2, --resume at EP 4 (and on MindSpore) for 3 more: the losses of one
+    straight 6-step run, within 1e-6 relative (bit for bit at the other layout in practice)."""
+    ckpt, straight, first, again, ms = (str(tmp_path / n) for n in ("ckpt", "straight", "first", "again", "ms"))
+    r = run_demo(["--steps", "6", "--out", straight])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_demo(["--steps", "3", "--save", ckpt, "--out", first])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_demo(["--steps", "3", "--resume", ckpt, "--ep", "4", "--out", again])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_demo(["--steps", "3", "--resume", ckpt, "--backend", "mindspore", "--out", ms], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = _losses(straight, "torch")
+    with open(os.path.join(ckpt, "demo.json")) as f:
+        saved = json.load(f)
+    assert saved["step"] == 3 and saved["losses"]["parallel"] == want[:3] == _losses(first, "torch")
+    for got in (_losses(again, "torch"), _losses(ms, "mindspore")):
+        assert all(abs(a - b) <= 1e-6 * b for a, b in zip(got, want[3:])), (got, want[3:])
+    with open(os.path.join(again, "summary.json")) as f:
+        assert json.load(f)["resumed"]["step"] == 3
+    _check_png(os.path.join(again, "demo.png"))
 
 
 # ---------------------------------------------------------------------- in-process: layouts, task, reporting

@@ -75,6 +75,10 @@ class RunSpec:
     memory_steps: tuple[int, ...] = ()
     #: data-parallel replicas of the ``ep x tp`` grid (``dp * ep * tp = nproc``).
     dp: int = 1
+    #: a checkpoint directory to save the model, AdamW's state and the step into at the end ("": none).
+    save_dir: str = ""
+    #: a checkpoint directory to continue from (any layout, either framework; "": start afresh).
+    resume_dir: str = ""
 
     @property
     def style(self) -> str:

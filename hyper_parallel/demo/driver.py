@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -63,7 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=d.layers, help="MoE layers (default %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds allowed for each run (default %(default)s)")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help="save both runs (model, AdamW state, step; hyper_parallel.checkpoint) into DIR at the end")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the runs saved in DIR for --steps more steps, at this run's layout and backend "
+                        "(the model's options come from DIR)")
     return p
+
+
+HISTORY = "demo.json"  # in a --save directory: the model options, the step and the loss curves so far
+
+
+def _read_history(directory: str) -> dict:
+    path = os.path.join(directory, HISTORY)
+    try:
+        with open(path) as f:
+            history = json.load(f)
+    except OSError as e:
+        raise C.DemoInputError(f"--resume {directory!r} is not a directory written by --save ({path}: "
+                               f"{e.strerror})") from None
+    except ValueError:
+        raise C.DemoInputError(f"--resume {directory!r}: {path} is not valid JSON") from None
+    return history
 
 
 def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str, C.RunSpec]]]:
@@ -85,6 +107,11 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str
         backends = [C.resolve_backend(args.backend)]
     dp, ep, tp = C.resolve_layout(args.nproc, args.ep, args.tp, args.dp)
     model = C.ModelConfig(seed=args.seed, tokens=args.tokens, experts=args.experts, layers=args.layers)
+    if (args.save or args.resume) and args.compare_backends:
+        raise C.DemoInputError(f"--{'save' if args.save else 'resume'} cannot be combined with --compare-backends: "
+                               "save or resume one backend's runs")
+    if args.resume:
+        model = C.ModelConfig(**_read_history(args.resume)["model"])
     C.check_model(model, ep, tp, args.steps, dp)
     if not args.timeout > 0:
         raise C.DemoInputError(f"--timeout {args.timeout} is not allowed: it must be a positive number of seconds")
@@ -93,11 +120,23 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise C.DemoInputError(f"--out {args.out!r} cannot be used as the output directory: {e.strerror}") from None
+    if args.save:
+        try:
+            os.makedirs(args.save, exist_ok=True)
+        except OSError as e:
+            raise C.DemoInputError(f"--save {args.save!r} cannot be used as the checkpoint directory: "
+                                   f"{e.strerror}") from None
     runs = []
+
+    def dirs(kind):
+        return {"save_dir": os.path.abspath(os.path.join(args.save, kind)) if args.save else "",
+                "resume_dir": os.path.abspath(os.path.join(args.resume, kind)) if args.resume else ""}
+
     for b in backends:
         runs.append(("parallel", C.RunSpec(backend=b, nproc=args.nproc, ep=ep, tp=tp, steps=args.steps,
-                                           model=model, dp=dp)))
-        runs.append(("reference", C.RunSpec(backend=b, nproc=1, ep=1, tp=1, steps=args.steps, model=model)))
+                                           model=model, dp=dp, **dirs("parallel"))))
+        runs.append(("reference", C.RunSpec(backend=b, nproc=1, ep=1, tp=1, steps=args.steps, model=model,
+                                            **dirs("reference"))))
     return args, runs
 
 
@@ -251,6 +290,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: interrupted; every rank was stopped", file=sys.stderr)
         return 130
     summary = summarize(runs, results)
+    if args.resume:
+        history = _read_history(args.resume)
+        summary["resumed"] = {"dir": args.resume, "step": history["step"], "backend": history["backend"],
+                              "layout": history["layout"], "history": history["losses"]}
+    if args.save:
+        b = summary["backends"][0]
+        before = summary.get("resumed") or {"step": 0, "history": {"parallel": [], "reference": []}}
+        json_dump(os.path.join(args.save, HISTORY), {
+            "model": dataclasses.asdict(runs[0][1].model), "step": before["step"] + args.steps, "backend": b,
+            "layout": summary["config"]["layout"],
+            "losses": {kind: before["history"][kind] + results[f"{b}/{kind}"]["losses"]
+                       for kind in ("parallel", "reference")}})
     png, js = os.path.join(args.out, "demo.png"), os.path.join(args.out, "summary.json")
     summary["wall_s"] = time.monotonic() - t0
     summary["files"] = {"png": png, "json": js}

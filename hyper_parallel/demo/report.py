@@ -120,7 +120,9 @@ def plot(path: str, summary: dict) -> None:
     cfg = summary["config"]
     backends = summary["backends"]
     first = backends[0]
-    steps = list(range(1, len(runs[f"{first}/parallel"]["losses"]) + 1))
+    resumed = summary.get("resumed")  # a run continued from a checkpoint: the saved curve comes first
+    start = resumed["step"] if resumed else 0
+    steps = list(range(start + 1, start + len(runs[f"{first}/parallel"]["losses"]) + 1))
     colors = {"torch": "#1f77b4", "mindspore": "#d62728"}
 
     fig = plt.figure(figsize=(15, 7.6), dpi=110)
@@ -138,6 +140,13 @@ def plot(path: str, summary: dict) -> None:
                      label=f"{b}: parallel, {par['nproc']} procs ({par['layout']})")
         ax_loss.plot(steps, ref["losses"], color="black" if b == first else "#555555", lw=1.1,
                      ls="--" if b == first else ":", label=f"{b}: single-process reference")
+    if resumed:  # one curve: the saved run's steps, a marker where this run resumed, then this run's
+        history = resumed["history"]
+        before = list(range(1, start + 1))
+        ax_loss.plot(before + steps[:1], history["parallel"] + runs[f"{first}/parallel"]["losses"][:1],
+                     color="#7f7f7f", lw=2.2, label=f"saved run ({resumed['backend']}, {resumed['layout']})")
+        ax_loss.plot([start + 1], runs[f"{first}/parallel"]["losses"][:1], marker="D", ms=9, color="#ff7f0e",
+                     ls="none", label=f"resumed at step {start + 1} from {resumed['dir']}")
     ax_loss.set_ylabel("training loss (MSE to teacher)")
     ax_loss.set_title("Loss: parallel run vs single-process reference (same seed, same global batch)",
                       fontsize=11, loc="left")

@@ -33,6 +33,7 @@ from hyper_parallel import (
     ExpertParallel,
     ExpertTensorParallel,
     TensorParallel,
+    checkpoint,
     clip_grads,
     get_parameter_spec,
     get_platform,
@@ -65,34 +66,49 @@ def resident_mib() -> tuple[float, str]:
 
 
 class AdamW:
-    """torch's AdamW in tensor arithmetic (bias-corrected moments, decoupled weight decay), then
-    ``Platform.replace_parameter``: ``w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)``.
+    """torch's AdamW in tensor arithmetic (bias-corrected moments, decoupled weight decay), written into the
+    parameters in place (``Platform.assign``): ``w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)``.
 
-    Args:
-        slots: ``(owner_module, attribute)`` of every trained parameter; looked up afresh each step because
-            ``replace_parameter`` installs a new Parameter object.
+    Its state has torch's layout (``param_groups``, ``state[param] = {"exp_avg", "exp_avg_sq", "step"}``,
+    ``state_dict`` / ``load_state_dict``), so :mod:`hyper_parallel.checkpoint` saves and reshards it on both
+    frameworks.
     """
 
-    def __init__(self, slots: list[tuple], lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.slots, self.lr, self.weight_decay, self.betas, self.eps = slots, lr, weight_decay, betas, eps
-        self.m: list = [None] * len(slots)
-        self.v: list = [None] * len(slots)
-        self.t = 0
+    def __init__(self, params: list, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param_groups = [{"params": list(params)}]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.state: dict = {}
 
     def params(self) -> list:
-        return [getattr(owner, name) for owner, name in self.slots]
+        return self.param_groups[0]["params"]
 
     def step(self, grads) -> None:
         p = get_platform()
-        self.t += 1
         b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for i, ((owner, name), g) in enumerate(zip(self.slots, grads)):
-            self.m[i] = g * (1 - b1) if self.m[i] is None else self.m[i] * b1 + g * (1 - b1)
-            self.v[i] = g * g * (1 - b2) if self.v[i] is None else self.v[i] * b2 + g * g * (1 - b2)
-            w = getattr(owner, name)
-            update = (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + self.eps) + w * self.weight_decay
-            p.replace_parameter(owner, name, w - update * self.lr)
+        for w, g in zip(self.params(), grads):
+            st = self.state.get(w)
+            if st is None:
+                st = self.state[w] = {"exp_avg": g * 0, "exp_avg_sq": g * 0, "step": 0}
+            st["step"] += 1
+            st["exp_avg"] = st["exp_avg"] * b1 + g * (1 - b1)
+            st["exp_avg_sq"] = st["exp_avg_sq"] * b2 + g * g * (1 - b2)
+            c1, c2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
+            update = (st["exp_avg"] / c1) / ((st["exp_avg_sq"] / c2).sqrt() + self.eps) + w * self.weight_decay
+            p.assign(w, w - update * self.lr)
+
+    def state_dict(self) -> dict:
+        position = {id(w): i for i, w in enumerate(self.params())}
+        return {"state": {position[id(w)]: dict(st) for w, st in self.state.items()},
+                "param_groups": [{"params": list(range(len(self.params())))}]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        p = get_platform()
+        params = self.params()
+        self.state = {}
+        for pos, st in sd["state"].items():
+            step = st["step"]
+            step = int(round(float(p.tolist(step.reshape(1))[0]))) if hasattr(step, "shape") else int(step)
+            self.state[params[int(pos)]] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": step}
 
 
 def _trained_slots(model) -> tuple[list[tuple], list[bool]]:
@@ -144,15 +160,18 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
     rank = p.get_rank() if spec.nproc > 1 else 0
     model = build_model(cfg)
     data_rank = _parallelize(model, spec)
-    slots, replicated = _trained_slots(model)
-    opt = AdamW(slots, cfg.lr, cfg.weight_decay)
+    _, replicated = _trained_slots(model)
+    opt = AdamW([q for _, q in p.named_parameters(model) if q.requires_grad], cfg.lr, cfg.weight_decay)
+    start = 0
+    if spec.resume_dir:  # the model, AdamW's moments and the step, resharded to this run's layout / framework
+        start = int(checkpoint.load(spec.resume_dir, model, opt)["step"])
     task = TeacherTask(dim=cfg.dim, experts=cfg.experts, hidden=cfg.teacher_hidden, tokens=cfg.tokens,
                        seed=cfg.seed)
     layers = model.moe_layers()
     records = []
     if rank == 0:
         emit(RECORD_PREFIX + json.dumps({"event": "start", "params": _count_params(model, replicated, spec)}))
-    for step in range(spec.steps):
+    for step in range(start, start + spec.steps):
         t0 = time.perf_counter()
         x_np, y_np = task.batch(step, data_rank, spec.data_parallel)
         x, y = p.tensor(x_np), p.tensor(y_np)
@@ -177,7 +196,7 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
         E = cfg.experts
         for i, layer in enumerate(layers):
             new_bias = update_expert_bias(layer.expert_bias, loads_g[i * E:(i + 1) * E], cfg.bias_update_rate)
-            p.replace_parameter(layer, "expert_bias", new_bias)
+            p.assign(layer.expert_bias, new_bias)
             p.assign(layer.tokens_per_expert, p.zeros((E,)))
         host = p.tolist(p.cat([loss_g, loads_g]))  # the step's one host sync (besides dispatch's)
         record = {"event": "step", "step": step, "loss": host[0], "time_s": time.perf_counter() - t0,
@@ -185,10 +204,12 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
         records.append(record)
         if rank == 0:
             emit(RECORD_PREFIX + json.dumps(record))
-        if step + 1 in spec.memory_steps:  # every rank: the soak compares them
+        if step - start + 1 in spec.memory_steps:  # every rank: the soak compares them
             mib, kind = resident_mib()
             emit(RECORD_PREFIX + json.dumps({"event": "memory", "step": step + 1, "rank": rank, "rss_mib": mib,
                                              "kind": kind}))
+    if spec.save_dir:
+        checkpoint.save(spec.save_dir, model, opt, extra={"step": start + spec.steps})
     return records
 
 
