@@ -39,3 +39,8 @@ def test_torch_fsdp2_with_expert_parallel(worlds, backend):
     from tests.cases import fsdp_cases
 
     worlds.run(backend, 4, fsdp_cases.fsdp2_with_expert_parallel_trains_like_one_device)
+
+
+@pytest.mark.backends("torch")
+def test_accumulating_onto_reduced_gradients_is_refused(worlds, backend):
+    assert all(worlds.run(backend, 4, dc.accumulating_onto_a_reduced_gradient_is_refused))

@@ -311,6 +311,20 @@ def _without_extra_biases(out, module, layout: ExpertsLayout, expert_of_row):
     return out
 
 
+def expert_style_or_default(style, caller: str) -> BaseExpertParallel:
+    """``style``, or ``ExpertParallel()`` for ``None`` (what the third-party integrations take).
+
+    Raises:
+        TypeError: ``style`` is not an expert style.
+    """
+    if style is None:
+        return ExpertParallel()
+    if not isinstance(style, BaseExpertParallel):
+        raise TypeError(f"{caller}: style must be ExpertParallel, TensorParallel or ExpertTensorParallel (a "
+                        f"BaseExpertParallel), got {type(style).__name__}")
+    return style
+
+
 def num_global_experts(module) -> int:
     """The experts' global count (recorded when a style was applied; else read from the preset layout)."""
     known = getattr(module, _NUM_EXPERTS_ATTR, None)

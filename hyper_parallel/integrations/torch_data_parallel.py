@@ -23,6 +23,7 @@ from hyper_parallel.parallel.data_parallel import GradientReducer
 __all__ = ["install"]
 
 _STATE_ATTR = "_hyper_parallel_ddp_state"
+_REDUCED_ATTR = "_hyper_parallel_reduced"  # on a param.grad this module wrote: already reduced
 
 
 class _Backward:
@@ -54,6 +55,13 @@ def install(module: torch.nn.Module, reducer: GradientReducer) -> None:
 
 
 def _grad_ready(state: _State, index: int) -> None:
+    grad = state.reducer.params[index].grad
+    if getattr(grad, _REDUCED_ATTR, False):
+        # this backward added into a gradient an earlier backward already reduced: reducing the sum again would
+        # scale the earlier part twice, a silently wrong gradient
+        raise RuntimeError(f"DataParallel: the gradient of {state.reducer.names[index]} was reduced by an earlier "
+                           "backward and not cleared; call optimizer.zero_grad() (set_to_none=True, torch's default) "
+                           "between steps: gradient accumulation over several backwards is not supported")
     if state.backward is None:
         state.backward = _Backward(state.reducer)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: _finish(state))
@@ -99,6 +107,7 @@ def _finish(state: _State) -> None:
         if flat is None:
             for i in bucket.indices:
                 reducer.params[i].grad.mul_(bucket.scale)
+                setattr(reducer.params[i].grad, _REDUCED_ATTR, True)
             continue
         handle.wait()
         flat.mul_(bucket.scale)
@@ -107,4 +116,5 @@ def _finish(state: _State) -> None:
             grad = reducer.params[i].grad
             n = grad.numel()
             grad.copy_(flat[start:start + n].view_as(grad))
+            setattr(grad, _REDUCED_ATTR, True)
             start += n

@@ -23,7 +23,7 @@ from torchtitan.models.common.moe import GroupedExperts, RoutedExperts
 from torchtitan.models.common.token_dispatcher import BaseEPTokenDispatcher, LocalTokenDispatcher
 
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
-from hyper_parallel.expert_parallel.styles import BaseExpertParallel, ExpertParallel, expert_style_of
+from hyper_parallel.expert_parallel.styles import BaseExpertParallel, expert_style_of, expert_style_or_default
 
 __all__ = ["parallelize_moe"]
 
@@ -43,10 +43,7 @@ def parallelize_moe(model: torch.nn.Module, device_mesh: DeviceMesh,
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize_moe: model must be a torch.nn.Module, got {type(model).__name__}")
-    style = ExpertParallel() if style is None else style
-    if not isinstance(style, BaseExpertParallel):
-        raise TypeError(f"parallelize_moe: style must be ExpertParallel, TensorParallel or ExpertTensorParallel "
-                        f"(a BaseExpertParallel), got {type(style).__name__}")
+    style = expert_style_or_default(style, "parallelize_moe")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
     if not found:
         raise ValueError(f"parallelize_moe: {type(model).__name__} contains no torchtitan MoE (RoutedExperts)")

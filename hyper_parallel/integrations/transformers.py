@@ -27,7 +27,7 @@ import transformers
 
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.expert_parallel.layout import transformers_layout
-from hyper_parallel.expert_parallel.styles import BaseExpertParallel, ExpertParallel, expert_style_of
+from hyper_parallel.expert_parallel.styles import BaseExpertParallel, expert_style_of, expert_style_or_default
 
 __all__ = ["experts_modules", "parallelize_experts"]
 
@@ -54,10 +54,7 @@ def parallelize_experts(model: torch.nn.Module, device_mesh: DeviceMesh,
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize_experts: model must be a torch.nn.Module, got {type(model).__name__}")
-    style = ExpertParallel() if style is None else style
-    if not isinstance(style, BaseExpertParallel):
-        raise TypeError(f"parallelize_experts: style must be ExpertParallel, TensorParallel or ExpertTensorParallel "
-                        f"(a BaseExpertParallel), got {type(style).__name__}")
+    style = expert_style_or_default(style, "parallelize_experts")
     found = experts_modules(model)
     if not found:
         raise ValueError(f"parallelize_experts: {type(model).__name__} has no transformers experts module (a class "

@@ -33,7 +33,7 @@ from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.module import named_parameter_specs
 from hyper_parallel.parallel.style import ParallelStyle
-from hyper_parallel.platform import Group
+from hyper_parallel.platform import _ITEMSIZE, Group
 
 __all__ = ["DataParallel", "GradientReducer", "Bucket", "reduce_gradients", "gradient_reducer_of"]
 
@@ -229,7 +229,7 @@ class DataParallel(ParallelStyle):
             if axes not in groups:
                 groups[axes] = _axes_group(mesh, axes)
             key = (axes, scale, p.dtype_name(param.dtype))
-            nbytes = _numel(param) * _itemsize(p.dtype_name(param.dtype))
+            nbytes = _numel(param) * _ITEMSIZE[p.dtype_name(param.dtype)]
             current = open_.get(key)
             if current is None or current[1] + nbytes > cap and current[0]:
                 current = open_[key] = [[], 0]
@@ -291,7 +291,3 @@ def _grid(mesh: DeviceMesh) -> dict:
 
 def _numel(x) -> int:
     return math.prod(int(d) for d in x.shape)
-
-
-def _itemsize(dtype: str) -> int:
-    return 8 if dtype in ("float64", "int64") else 2 if dtype in ("float16", "bfloat16") else 4

@@ -169,3 +169,24 @@ def global_aux_loss() -> bool:
         want_grad = np.tile(0.5 * E * global_counts[layer] / (L * T * K * T), (T, 1))
         assert_rel(_host(grads[layer]), want_grad, f"rank {rank} layer {layer} score gradient")
     return True
+
+
+def accumulating_onto_a_reduced_gradient_is_refused() -> bool:
+    """torch: a second backward into gradients DataParallel already reduced (no zero_grad between) would reduce the
+    earlier part twice: refused on every rank; after zero_grad the next step works."""
+    import torch
+
+    p = get_platform()
+    model = _model()
+    mesh, dp, data_id, _ = _layout("dp_ep", model)
+    dp.apply(model, mesh)
+    _loss(model, *_batch(0, data_id)).backward()
+    try:
+        _loss(model, *_batch(1, data_id)).backward()
+    except RuntimeError as e:
+        assert "reduced by an earlier backward and not cleared" in str(e) and "zero_grad" in str(e), str(e)
+    else:
+        raise AssertionError("a second backward accumulated onto reduced gradients")
+    torch.optim.AdamW(model.parameters(), lr=LR).zero_grad()
+    _loss(model, *_batch(2, data_id)).backward()
+    return all(q.grad is not None for _, q in p.named_parameters(model))
