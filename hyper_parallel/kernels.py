@@ -59,6 +59,30 @@ class Kernels:
             - src_start_RE.repeat_interleave(counts_RE, 0)
         return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
 
+    def combine_pairs(self, rows_ND, scores_N, pairs_N, num_tokens: int, top_k: int):
+        """Every token's output: the sum over its kept (token, choice) pairs of ``score * row``; ``[T, D]`` in the
+        rows' dtype.
+
+        ``pairs_N`` are the pairs' flat indices ``token * top_k + choice`` (unique); a token without kept pairs
+        gets zeros. The weighting and the sum run in float32 whatever the rows' dtype (bf16 rows times float32
+        router scores, summed over top-k, lose what the scores' precision was kept for), and the result is cast
+        back: bf16 in, bf16 out. Pairs fill unique slots of a ``[T*K, D]`` buffer by a plain indexed assignment
+        (differentiable everywhere, unlike scatter-add), then a sum over K.
+        """
+        p = self.platform
+        D = rows_ND.shape[-1]
+        if rows_ND.shape[0] == 0:
+            return zeros_connected(rows_ND, (num_tokens, D))
+        weighted_ND = rows_ND.float() * scores_N.float().reshape(-1, 1)
+        slots = p.zeros((num_tokens * top_k, D), dtype="float32", device=getattr(rows_ND, "device", None))
+        slots[pairs_N] = weighted_ND
+        return slots.reshape(num_tokens, top_k, D).sum(1).to(rows_ND.dtype)
+
+    def matmul(self, a_NK, b_KM):
+        """``a_NK @ b_KM`` for 2-D operands; ``[N, M]``. A kernel so that a framework whose 2-D matmul misbehaves
+        can route it elsewhere (the MindSpore adapter does)."""
+        return a_NK @ b_KM
+
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         """Rows ``[offset_e, offset_e + n_e)`` of ``x_NK`` times ``w_EKM[e]``, for every expert ``e``; ``[N, M]``.
 

@@ -241,6 +241,9 @@ class MindSporeKernels(Kernels):
     (its gradient a concat) compiles nothing per shape: 0.11 MiB per step, and the step is about 20% faster.
     """
 
+    def matmul(self, a_NK, b_KM):
+        return mint.bmm(a_NK.unsqueeze(0), b_KM.unsqueeze(0)).squeeze(0)
+
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         counts = [int(n) for n in num_tokens_per_expert]
         live = [e for e, n in enumerate(counts) if n]  # empty experts are skipped, as in the reference
@@ -249,7 +252,7 @@ class MindSporeKernels(Kernels):
             return super().grouped_mm(x_NK, w_EKM, counts)  # raises on bad counts; zero rows: its connected zeros
         w_E = w_EKM.unbind(0)
         parts = mint.split(x_NK, [counts[e] for e in live]) if len(live) > 1 else (x_NK,)
-        outs = [part @ w_E[e] for part, e in zip(parts, live)]
+        outs = [self.matmul(part, w_E[e]) for part, e in zip(parts, live)]
         return outs[0] if len(outs) == 1 else mint.cat(outs)
 
 

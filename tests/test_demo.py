@@ -355,3 +355,33 @@ def test_help_and_cli_dispatch(capsys, monkeypatch):
     assert seen[-1] == ("bench", ["--quick"])
     with pytest.raises(SystemExit):
         cli.main(["info", "--bogus"])
+
+
+def _run(losses, loads, margins=None):
+    return {"losses": losses, "load": loads, "routing_margin": margins or [None] * len(losses)}
+
+
+def test_loss_parity_accepts_a_routing_split_only_at_a_recorded_tie():
+    """Routing is discrete: a token at a near-tie may go either way on another layout. The parity check accepts the
+    runs' routing differing only from a step where the single-process run had a tie, with the losses equal before."""
+    same, moved = [4, 4], [5, 3]
+    par = _run([1.0, 0.5, 0.30, 0.20], [same, same, moved, moved])
+    tie = _run([1.0, 0.5, 0.25, 0.10], [same, same, same, same], [0.1, 0.1, 2e-7, 0.1])
+    r = driver.loss_parity(par, tie)
+    assert r["ok"] and r["routing_split_step"] == 2 and r["max_abs_diff"] == 0.0
+    assert r["max_abs_diff_all_steps"] == pytest.approx(0.1) and r["routing_margin_at_split"] == 2e-7
+    assert "before the routing first differed (step 2; a tie" in driver.parity_words(r, 4)
+    # the same split where the single-process run had no tie: a routing bug, refused
+    no_tie = _run(tie["losses"], tie["load"], [0.1, 0.1, 0.03, 0.1])
+    assert not driver.loss_parity(par, no_tie)["ok"]
+    # a split with no margin recorded (an older run) is refused too
+    assert not driver.loss_parity(par, _run(tie["losses"], tie["load"]))["ok"]
+    # a loss difference before the split is still a failure
+    early = _run([1.0, 0.5 + 1e-4, 0.25, 0.10], tie["load"], tie["routing_margin"])
+    assert not driver.loss_parity(par, early)["ok"]
+    # a NaN anywhere fails, even after the split
+    nan = _run([1.0, 0.5, 0.30, float("nan")], par["load"])
+    assert not driver.loss_parity(nan, tie)["ok"]
+    # identical routing: every step is bounded
+    r = driver.loss_parity(_run([1.0, 0.5], [same, same]), _run([1.0, 0.5 + 2e-5], [same, same]))
+    assert not r["ok"] and r["routing_split_step"] is None and r["max_abs_diff"] == pytest.approx(2e-5)

@@ -12,7 +12,7 @@ import importlib
 
 from hyper_parallel.moe._layers import framework_layers
 
-__all__ = ["DemoModelMixin", "build_model"]
+__all__ = ["DemoModelMixin", "build_model", "routing_margin"]
 
 
 class DemoModelMixin:
@@ -27,14 +27,27 @@ class DemoModelMixin:
                 dim=cfg.dim, hidden_dim=cfg.hidden, num_experts=cfg.experts, top_k=cfg.top_k,
                 num_shared_experts=cfg.shared_experts, use_expert_bias=True, init_std=cfg.init_std,
                 seed=cfg.seed * 1000 + 10 * i))
+        self.layer_inputs = []  # filled by forward while record_layer_inputs is set (the demo's routing margin)
+        self.record_layer_inputs = False
 
     def moe_layers(self) -> list:
         return [getattr(self, f"layer{i}") for i in range(self.num_layers)]
 
     def forward(self, x):
+        self.layer_inputs.clear()
         for layer in self.moe_layers():
+            if self.record_layer_inputs:
+                self.layer_inputs.append(x)
             x = x + layer(x)
         return x
+
+
+def routing_margin(layer, x_TD):
+    """Smallest gap, over the tokens ``x_TD``, between the k-th and the (k+1)-th expert the layer's router ranks
+    (scores plus expert bias, what top-k decides on): how close this step came to routing a token differently."""
+    choice_TE = layer.router.scores(x_TD) + layer.expert_bias.float()
+    top_TK = choice_TE.topk(layer.top_k + 1)[0]
+    return (top_TK[:, layer.top_k - 1] - top_TK[:, layer.top_k]).min().reshape(1)
 
 
 def build_model(cfg):

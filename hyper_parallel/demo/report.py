@@ -166,6 +166,9 @@ def plot(path: str, summary: dict) -> None:
         par = summary["parity"][b]
         dots(ax_diff, par["per_step_abs_diff"], colors.get(b, "#2ca02c"),
              f"{b}: |loss parallel - loss reference| (max {par['max_abs_diff']:.1e})")
+        if par.get("routing_split_step") is not None:  # a routing tie decided differently: see loss_parity
+            ax_diff.axvline(steps[par["routing_split_step"]], color=colors.get(b, "#2ca02c"), ls=":", lw=1.2,
+                            label=f"{b}: routing differs from here (a tie; the limit holds before it)")
     ax_diff.axhline(summary["parity"][first]["tolerance"], color="black", ls="--", lw=1,
                     label=f"limit {summary['parity'][first]['tolerance']:.0e} for parallel vs reference (absolute)")
     cross = summary.get("cross_backend")

@@ -41,7 +41,7 @@ from hyper_parallel import (
     reduce_gradients,
 )
 from hyper_parallel.demo.config import RunSpec
-from hyper_parallel.demo.model import build_model
+from hyper_parallel.demo.model import build_model, routing_margin
 from hyper_parallel.demo.task import TeacherTask
 from hyper_parallel.moe import update_expert_bias
 
@@ -168,6 +168,8 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
     task = TeacherTask(dim=cfg.dim, experts=cfg.experts, hidden=cfg.teacher_hidden, tokens=cfg.tokens,
                        seed=cfg.seed)
     layers = model.moe_layers()
+    # the single-process run records how close each step came to a routing tie (the parity check reads it)
+    model.record_layer_inputs = spec.nproc == 1
     records = []
     if rank == 0:
         emit(RECORD_PREFIX + json.dumps({"event": "start", "params": _count_params(model, replicated, spec)}))
@@ -193,14 +195,18 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
             stats = p.all_reduce(stats, "sum") / spec.tp
             stats = p.cat([stats[:1] / spec.data_parallel, stats[1:]])
         loss_g, loads_g = stats[:1], stats[1:]
+        margin = [p.cat([routing_margin(layer, x_l) for layer, x_l in zip(layers, model.layer_inputs)]).min()
+                  .reshape(1)] if model.record_layer_inputs else []
         E = cfg.experts
         for i, layer in enumerate(layers):
             new_bias = update_expert_bias(layer.expert_bias, loads_g[i * E:(i + 1) * E], cfg.bias_update_rate)
             p.assign(layer.expert_bias, new_bias)
             p.assign(layer.tokens_per_expert, p.zeros((E,)))
-        host = p.tolist(p.cat([loss_g, loads_g]))  # the step's one host sync (besides dispatch's)
+        host = p.tolist(p.cat([loss_g, loads_g, *margin]))  # the step's one host sync (besides dispatch's)
         record = {"event": "step", "step": step, "loss": host[0], "time_s": time.perf_counter() - t0,
-                  "load": [int(round(v)) for v in host[1:]]}
+                  "load": [int(round(v)) for v in host[1:1 + len(loads_g)]]}
+        if margin:
+            record["routing_margin"] = host[-1]
         records.append(record)
         if rank == 0:
             emit(RECORD_PREFIX + json.dumps(record))

@@ -116,7 +116,7 @@ class TokenChoiceTopKRouterMixin:
             raise ValueError(f"TokenChoiceTopKRouter: x must have shape [tokens, {self.dim}], got "
                              f"{list(x_TD.shape)}")
         # float32 for the scores: a bf16 softmax over many experts loses the small differences top-k decides on
-        logits_TE = x_TD.float() @ self.gate.float().mT
+        logits_TE = get_platform().kernels.matmul(x_TD.float(), self.gate.float().mT)
         return logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
 
     def _limit_to_groups(self, choice_TE):
