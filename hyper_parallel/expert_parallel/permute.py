@@ -110,11 +110,8 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
                           num_rows=T, num_slots=P)
 
 
-def permute(x_TD, indices: PermuteIndices):
-    """Rank-major rows ``[T, D]`` -> expert-major slots ``[P, D]`` (padding slots are zero). Differentiable; a
-    rank with no rows still returns a tensor connected to ``x_TD``'s graph."""
-    if indices.num_rows == 0:
-        return zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
+def _gather_slots(x_TD, indices: PermuteIndices):
+    """``[T, D]`` -> ``[P, D]``: slot ``s`` reads row ``source_row_P[s]`` (padding reads zeros)."""
     if indices.num_slots == indices.num_rows:  # no padding: a pure permutation, no zero row to append
         return x_TD[indices.source_row_P]
     p = get_platform()
@@ -122,9 +119,30 @@ def permute(x_TD, indices: PermuteIndices):
     return p.cat([x_TD, zero_row])[indices.source_row_P]
 
 
+def _gather_rows(y_PD, indices: PermuteIndices):
+    """``[P, D]`` -> ``[T, D]``: row ``t`` reads slot ``slot_of_row_T[t]`` (padding slots are dropped)."""
+    return y_PD[indices.slot_of_row_T]
+
+
+def permute(x_TD, indices: PermuteIndices):
+    """Rank-major rows ``[T, D]`` -> expert-major slots ``[P, D]`` (padding slots are zero). Differentiable; a
+    rank with no rows still returns a tensor connected to ``x_TD``'s graph.
+
+    Both directions are gathers: every row lands in exactly one slot, so the gradient of this gather is the gather
+    by the inverse permutation (:func:`unpermute`'s), which dispatch already holds. Autograd's own gradient of an
+    index is an accumulating scatter into a zeroed buffer, about twice the memory traffic; the values are the
+    same bit for bit (each row receives exactly one addend)."""
+    if indices.num_rows == 0:
+        return zeros_connected(x_TD, (indices.num_slots, *x_TD.shape[1:]))
+    op = get_platform().autograd_function(lambda x: _gather_slots(x, indices), lambda g: _gather_rows(g, indices))
+    return op(x_TD)
+
+
 def unpermute(y_PD, indices: PermuteIndices):
-    """Expert-major slots ``[P, D]`` -> rank-major rows ``[T, D]`` (padding slots are dropped). Differentiable."""
+    """Expert-major slots ``[P, D]`` -> rank-major rows ``[T, D]`` (padding slots are dropped). Differentiable;
+    its gradient is :func:`permute`'s gather (padding slots get zeros)."""
     if indices.num_rows == 0:
         return zeros_connected(y_PD, (0, *y_PD.shape[1:]))
-    return y_PD[indices.slot_of_row_T]
+    op = get_platform().autograd_function(lambda y: _gather_rows(y, indices), lambda g: _gather_slots(g, indices))
+    return op(y_PD)
 

@@ -149,8 +149,7 @@ class MoEMixin:
         routed_ND = x_routed_TD[pairs_N // self.top_k] if N else zeros_connected(x_routed_TD, (0, self.dim))
         routed_ND, shared_TD = self._experts(routed_ND, counts_E, x_TD)
         with p.profile_range("hyper_parallel.moe.combine_weighted"):
-            routed_ND = routed_ND * scores_N.reshape(-1, 1)
-            out_TD = self._sum_pairs(routed_ND, pairs_N, T)
+            out_TD = p.kernels.combine_pairs(routed_ND, scores_N, pairs_N, T, self.top_k)
         if sp_mesh is not None:
             out_TD = DTensor.from_local(out_TD, sp_mesh, [Partial()]).redistribute(sp_mesh, [Replicate()]) \
                 .to_local()
@@ -178,17 +177,6 @@ class MoEMixin:
     def _shared(self, x_TD):
         with get_platform().profile_range("hyper_parallel.moe.shared_experts"):
             return self.shared_experts(x_TD, (x_TD.shape[0],))
-
-    def _sum_pairs(self, routed_ND, pairs_N, T: int):
-        """Add each kept pair's output to its token: pairs are unique slots of a ``[T*K, D]`` buffer, so a
-        plain indexed assignment (differentiable everywhere, unlike scatter-add) then a sum over K."""
-        p = get_platform()
-        if routed_ND.shape[0] == 0:
-            return zeros_connected(routed_ND, (T, self.dim))
-        slots = p.zeros((T * self.top_k, self.dim), dtype=p.dtype_name(routed_ND.dtype),
-                        device=getattr(routed_ND, "device", None))
-        slots[pairs_N] = routed_ND
-        return slots.reshape(T, self.top_k, self.dim).sum(1)
 
     def update_expert_bias(self, update_rate: float = 1e-3, group=None):
         """DeepSeek-V3 aux-loss-free balancing: nudge the selection bias towards the mean load, from the loads
