@@ -78,6 +78,11 @@ class Kernels:
         slots[pairs_N] = weighted_ND
         return slots.reshape(num_tokens, top_k, D).sum(1).to(rows_ND.dtype)
 
+    def swiglu(self, h, g):
+        """The SwiGLU activation ``silu(h) * g`` (``silu(h) = h * sigmoid(h)``), elementwise; the experts' hidden
+        activation."""
+        return h * h.sigmoid() * g
+
     def matmul(self, a_NK, b_KM):
         """``a_NK @ b_KM`` for 2-D operands; ``[N, M]``. A kernel so that a framework whose 2-D matmul misbehaves
         can route it elsewhere (the MindSpore adapter does)."""

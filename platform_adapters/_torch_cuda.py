@@ -181,6 +181,13 @@ def choose_permute_impl(requested: str, device_type: str, *, triton_usable: bool
     return "eager"
 
 
+# ---------------------------------------------------------------------- SwiGLU
+
+def swiglu_fused(h, g):
+    """``silu(h) * g`` with torch's fused ``silu`` (the CUDA path of ``TorchKernels.swiglu``; runs anywhere)."""
+    return torch.nn.functional.silu(h) * g
+
+
 # ---------------------------------------------------------------------- grouped GEMM (grouped_mm)
 
 def _grouped_mm_operand_ok(t) -> bool:

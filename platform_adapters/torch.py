@@ -45,6 +45,7 @@ from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests a
     host_tensor,
     permute_slots_eager,
     permute_slots_padded,
+    swiglu_fused,
     tl,
     triton,
 )
@@ -88,6 +89,11 @@ class TorchKernels(Kernels):
         self._broken_impls: frozenset = frozenset()  # auto-chosen index builds that failed once, skipped since
         self._graphs: dict = {}  # captured index builds by (device, R, E, capacity)
         self._group_ends_cache: tuple = (None, None)  # (key, int32 group ends) of the last grouped_mm counts
+
+    def swiglu(self, h, g):
+        # on CUDA one fused silu kernel instead of a sigmoid and two multiplies, each a pass over [N, H] (and
+        # fewer saved tensors for backward); elsewhere the reference, so CPU results stay those of every backend
+        return swiglu_fused(h, g) if h.is_cuda else super().swiglu(h, g)
 
     def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
         counts_RE = counts_RE.reshape(-1)

@@ -61,3 +61,27 @@ def test_combine_pairs_weights_and_sums_in_float32():
     # one rounding to bf16 at the end, not one per product and per partial sum
     np.testing.assert_array_equal(got16.float().numpy(),
                                   torch.from_numpy(want16.reshape(T, K, D).sum(1)).bfloat16().float().numpy())
+
+
+def test_fused_swiglu_of_the_cuda_path_matches_the_reference():
+    """``TorchKernels.swiglu`` runs ``F.silu(h) * g`` on CUDA; the same function on CPU tensors against the neutral
+    ``h * sigmoid(h) * g``, values and gradients, fp32 and bf16."""
+    import torch
+
+    from hyper_parallel.kernels import Kernels
+    from platform_adapters.torch import swiglu_fused
+
+    rng = np.random.RandomState(2)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        h0, g0 = (torch.from_numpy(rng.randn(64, 48).astype(np.float32) * 3).to(dtype) for _ in range(2))
+        outs, grads = [], []
+        for fn in (swiglu_fused, lambda h, g: Kernels.swiglu(None, h, g)):
+            h, g = h0.clone().requires_grad_(), g0.clone().requires_grad_()
+            y = fn(h, g)
+            y.float().square().sum().backward()
+            outs.append(y.float())
+            grads.append((h.grad.float(), g.grad.float()))
+        assert outs[0].dtype == outs[1].dtype
+        torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+        for a, b in zip(grads[0], grads[1]):
+            torch.testing.assert_close(a, b, rtol=tol * 4, atol=tol * 4)

@@ -25,7 +25,7 @@ def swiglu_experts(x_ND, num_tokens_per_expert: Sequence[int], w1_EHD, w2_EDH, w
     p = get_platform()
     h_NH = p.kernels.grouped_mm(x_ND, w1_EHD.mT, num_tokens_per_expert)
     g_NH = p.kernels.grouped_mm(x_ND, w3_EHD.mT, num_tokens_per_expert)
-    return p.kernels.grouped_mm(h_NH * h_NH.sigmoid() * g_NH, w2_EDH.mT, num_tokens_per_expert)
+    return p.kernels.grouped_mm(p.kernels.swiglu(h_NH, g_NH), w2_EDH.mT, num_tokens_per_expert)
 
 
 class GroupedExpertsMixin:
