@@ -5,7 +5,7 @@ Plain MindSpore, no hyper_parallel: each case runs ``CALLS`` calls of one op per
 between step 100 and the last step, in KB per call per step. An op whose memory is returned reads ~0 (the noise is
 about 0.1 KB); a positive number is memory the process never gets back.
 
-    python benchmarks/mindspore_op_memory.py            # every case, a fresh process each (about 2 minutes)
+    python benchmarks/mindspore_op_memory.py            # every case, a fresh process each (about 15 minutes)
     python benchmarks/mindspore_op_memory.py matmul_2d  # one case
 
 Measured on MindSpore 2.10.0 (CPU) in docs/failure_modes.md ("Memory"): reductions, 2-D matmul and top-k keep
