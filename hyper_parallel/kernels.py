@@ -29,6 +29,12 @@ class Kernels:
         platform: the platform whose factories the references use.
     """
 
+    #: Build the dispatch permutation on the host from the counts dispatch already read back
+    #: (:func:`~hyper_parallel.expert_parallel.permute.host_permute_indices`, then two tensors), instead of
+    #: :meth:`permute_slots` and an indexed assignment on the device. For tensors in host memory with costly small
+    #: ops (the MindSpore adapter on CPU sets it); on an accelerator it would be a host-to-device copy per dispatch.
+    host_index_build: bool = False
+
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
 

@@ -272,6 +272,8 @@ class MindSporePlatform(Platform):
         self._store = None
         self._groups: set[str] = set()
         self.kernels = MindSporeKernels(self)
+        # the index build from the host counts: two tensors instead of ~10 ops (repeat_interleave alone ~30 ms)
+        self.kernels.host_index_build = self._target == "CPU"
 
     # ------------------------------------------------------------------ identity
     name = "mindspore"

@@ -26,10 +26,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from hyper_parallel._select import get_platform
 from hyper_parallel.functional import zeros_connected
 
-__all__ = ["PermuteIndices", "aligned_counts", "build_permute_indices", "permute", "unpermute"]
+__all__ = ["PermuteIndices", "aligned_counts", "build_permute_indices", "host_permute_indices", "permute",
+           "unpermute"]
 
 ALIGNMENTS = (1, 8, 16, 32)
 
@@ -99,6 +102,12 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
         offsets[e] = offsets[e - 1] + per_expert[e - 1]
     T, P = sum(tokens_per_expert), sum(per_expert)
     device = getattr(counts_RE, "device", None)
+    if p.kernels.host_index_build:
+        source_np, slots_np = host_permute_indices(host_counts_RE, R, E, offsets, P)
+        return PermuteIndices(source_row_P=p.tensor(source_np, dtype="int64", device=device),
+                              slot_of_row_T=p.tensor(slots_np, dtype="int64", device=device),
+                              num_tokens_per_expert=tuple(per_expert), expert_offsets=tuple(offsets),
+                              num_rows=T, num_slots=P)
     source_row_P = p.zeros((P,), dtype="int64", device=device) + T  # padding reads the zero row
     if T == 0:  # nothing to place (and repeat_interleave with all-zero repeats is a trap on some backends)
         slot_of_row_T = p.zeros((0,), dtype="int64", device=device)
@@ -122,6 +131,27 @@ def _gather_slots(x_TD, indices: PermuteIndices):
 def _gather_rows(y_PD, indices: PermuteIndices):
     """``[P, D]`` -> ``[T, D]``: row ``t`` reads slot ``slot_of_row_T[t]`` (padding slots are dropped)."""
     return y_PD[indices.slot_of_row_T]
+
+
+def host_permute_indices(host_counts_RE: Sequence[int], num_ranks: int, num_local_experts: int,
+                         expert_offsets_E: Sequence[int], num_slots: int) -> tuple:
+    """``(source_row_P, slot_of_row_T)`` as int64 NumPy arrays, from the host counts (the index build of
+    :func:`build_permute_indices` on the host).
+
+    For an adapter whose tensors live in host memory and whose small ops are expensive (MindSpore on CPU: each
+    op ~1 ms, ``repeat_interleave`` ~30 ms), where the counts are on the host already: NumPy builds both indices
+    in microseconds and the adapter makes two tensors of them, instead of ~10 framework ops.
+    """
+    R, E = num_ranks, num_local_experts
+    counts_RE = np.asarray(host_counts_RE, dtype=np.int64).reshape(R, E)
+    T = int(counts_RE.sum())
+    # a row's slot = its rank-major index + (its block's destination start - its block's source start)
+    dst_start_RE = np.asarray(expert_offsets_E, dtype=np.int64)[None, :] + np.cumsum(counts_RE, 0) - counts_RE
+    src_start_RE = (np.cumsum(counts_RE.reshape(-1)) - counts_RE.reshape(-1)).reshape(R, E)
+    slot_of_row_T = np.repeat((dst_start_RE - src_start_RE).reshape(-1), counts_RE.reshape(-1)) + np.arange(T)
+    source_row_P = np.full(num_slots, T, dtype=np.int64)  # padding reads the zero row
+    source_row_P[slot_of_row_T] = np.arange(T)
+    return source_row_P, slot_of_row_T
 
 
 def permute(x_TD, indices: PermuteIndices):

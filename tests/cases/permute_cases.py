@@ -20,11 +20,28 @@ def reference(counts: list[int], R: int, E: int, align: int) -> list[int]:
 
 
 def check(counts: list[int], R: int, E: int, align: int, D: int = 3) -> None:
+    """Both index builds (the device ops and the host build from the counts) against the brute-force reference."""
+    kernels = get_platform().kernels
+    default = kernels.host_index_build
+    try:
+        for on_host in (False, True):
+            kernels.host_index_build = on_host
+            _check(counts, R, E, align, D)
+    finally:
+        kernels.host_index_build = default
+
+
+def _check(counts: list[int], R: int, E: int, align: int, D: int) -> None:
     p = get_platform()
     idx = build_permute_indices(p.tensor(counts, dtype="int64"), counts, R, E, align=align)
     want = reference(counts, R, E, align)
-    assert p.tolist(idx.source_row_P) == want, (counts, R, E, align)
+    assert p.tolist(idx.source_row_P) == want, (counts, R, E, align, p.kernels.host_index_build)
     T = sum(counts)
+    inverse = [0] * T
+    for slot, src in enumerate(want):
+        if src < T:
+            inverse[src] = slot
+    assert p.tolist(idx.slot_of_row_T) == inverse, (counts, R, E, align, p.kernels.host_index_build)
     assert idx.num_rows == T and idx.num_slots == len(want)
     assert sum(idx.num_tokens_per_expert) == len(want)
     assert all(n % align == 0 and (align == 1 or n >= align) for n in idx.num_tokens_per_expert)
