@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
-
 from hyper_parallel._select import get_platform
 from hyper_parallel.functional import zeros_connected
 
@@ -142,6 +140,8 @@ def host_permute_indices(host_counts_RE: Sequence[int], num_ranks: int, num_loca
     op ~1 ms, ``repeat_interleave`` ~30 ms), where the counts are on the host already: NumPy builds both indices
     in microseconds and the adapter makes two tensors of them, instead of ~10 framework ops.
     """
+    import numpy as np  # here: importing the package loads no NumPy
+
     R, E = num_ranks, num_local_experts
     counts_RE = np.asarray(host_counts_RE, dtype=np.int64).reshape(R, E)
     T = int(counts_RE.sum())
