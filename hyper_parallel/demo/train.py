@@ -184,6 +184,9 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
 
         params = opt.params()
         loss, _, grads = p.value_and_grad(loss_fn, [], params)
+        # before the optimizer moves the router: the gap top-k decided on in this step's forward
+        margin = [p.cat([routing_margin(layer, x_l) for layer, x_l in zip(layers, model.layer_inputs)]).min()
+                  .reshape(1)] if model.record_layer_inputs else []
         if spec.data_parallel > 1:
             grads = reduce_gradients(model, grads, params)  # every gradient now that of the global batch
         grads, _ = clip_grads(grads, params, cfg.max_norm)
@@ -195,8 +198,6 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
             stats = p.all_reduce(stats, "sum") / spec.tp
             stats = p.cat([stats[:1] / spec.data_parallel, stats[1:]])
         loss_g, loads_g = stats[:1], stats[1:]
-        margin = [p.cat([routing_margin(layer, x_l) for layer, x_l in zip(layers, model.layer_inputs)]).min()
-                  .reshape(1)] if model.record_layer_inputs else []
         E = cfg.experts
         for i, layer in enumerate(layers):
             new_bias = update_expert_bias(layer.expert_bias, loads_g[i * E:(i + 1) * E], cfg.bias_update_rate)
