@@ -320,6 +320,25 @@ class Rendezvous:
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
 
+    def barrier(self, store: Any, phase: str) -> None:
+        """Wait, within the start-up timeout, until every rank has reached ``phase`` (after :meth:`join`).
+
+        For a start-up step whose time differs between ranks (rank 0 hosts the store) and which is followed by a
+        collective bounded by the shorter collective timeout.
+
+        Raises:
+            RuntimeError: some rank did not reach ``phase`` in time (the message says how many did).
+        """
+        key = f"hyper_parallel/{phase}/{self.namespace}"
+        self.store_call(lambda: store.add(key, 1))
+        delay = 0.005
+        while (count := int(self.store_call(lambda: store.add(key, 0)))) < self.env.world_size:
+            if time.monotonic() > self.deadline:
+                raise RuntimeError(f"{count} of {self.env.world_size} ranks reached {phase!r} at {self.where} within "
+                                   f"the start-up timeout of {self.start_timeout_s:g} s; the others are stuck or gone")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
     def _check_arrivals(self, seen: list[dict]) -> None:
         env = self.env
 

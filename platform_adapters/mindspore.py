@@ -330,9 +330,13 @@ class MindSporePlatform(Platform):
             else:
                 # torchrun-style env: a TCPStore hosted by rank 0 replaces msrun's scheduler process. Kept on self:
                 # rank 0 serves the store for the life of the job.
-                self._store = self._rendezvous_store(Rendezvous(env, timeout_s))
+                rendezvous = Rendezvous(env, timeout_s)
+                self._store = self._rendezvous_store(rendezvous)
                 management._init_with_store(backend=self.dist_backend, timeout=datetime.timedelta(seconds=timeout_s),
                                             world_size=env.world_size, rank=env.rank, store=self._store)
+                # The barrier below is a collective, bounded by MS_CPU_COMM_OP_TIMEOUT; the init above takes longer
+                # on rank 0 (seen: > 3 s apart on a loaded machine), so the ranks line up on the store first.
+                rendezvous.barrier(self._store, "initialized")
         if management.get_rank() != env.rank:
             raise RuntimeError(f"MindSpore assigned rank {management.get_rank()} but the environment says {env.rank}")
         world = management.GlobalComm.WORLD_COMM_GROUP

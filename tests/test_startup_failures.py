@@ -194,6 +194,33 @@ def test_join_says_who_did_not_come_at_the_start_timeout(monkeypatch):
     assert 0.5 <= elapsed < 0.5 + SLACK_S
 
 
+def test_barrier_waits_for_a_late_rank_and_names_the_phase_at_the_start_timeout(monkeypatch):
+    monkeypatch.setenv(START_TIMEOUT_ENV_VAR, "10")
+    store, passed = _DictStore(), []
+
+    def arrive(rank: int, delay_s: float) -> None:
+        time.sleep(delay_s)
+        Rendezvous(_env(rank, 2, 1234), 300.0).barrier(store, "initialized")
+        passed.append((rank, time.monotonic()))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=arrive, args=(0, 1.0)), threading.Thread(target=arrive, args=(1, 0.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r for r, _ in passed) == [0, 1]
+    assert all(1.0 <= t - start < 1.0 + SLACK_S for _, t in passed)  # rank 1 waited for the late rank 0
+
+    monkeypatch.setenv(START_TIMEOUT_ENV_VAR, "0.5")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as caught:
+        Rendezvous(_env(1, 3, 1234), 300.0).barrier(_DictStore(), "initialized")
+    assert str(caught.value) == ("1 of 3 ranks reached 'initialized' at MASTER_ADDR=127.0.0.1 MASTER_PORT=1234 within "
+                                 "the start-up timeout of 0.5 s; the others are stuck or gone")
+    assert 0.5 <= time.monotonic() - start < 0.5 + SLACK_S
+
+
 def test_a_store_that_goes_away_is_reported_as_such():
     class GoneStore:
         def add(self, key, amount):
