@@ -60,3 +60,8 @@ def test_memory_bound_catches_per_step_compiled_slices(worlds, backend):
     growth = [end - start for start, end in samples]
     assert min(growth) > RSS_GROWTH_BOUND_MIB, (
         f"the reference kernels grew only {[round(g, 1) for g in growth]} MiB per rank; samples {samples}")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_gradients_stay_right_after_a_step_that_raised(worlds, backend, nproc):
+    assert worlds.run(backend, nproc, mc.training_after_a_raising_step_is_right, nproc > 1) == [True] * nproc

@@ -333,8 +333,8 @@ def rss_over_training(steps: int, kernels: str) -> tuple[float, float]:
 
 
 def grouped_mm_matches_reference() -> bool:
-    """The adapter's ``grouped_mm`` (one split) equals the neutral reference (a slice per expert), output and both
-    gradients, for uneven counts, empty experts, one live expert and no rows at all."""
+    """The adapter's ``grouped_mm`` (a padded batch, or one split) equals the neutral reference (a slice per expert),
+    output and both gradients, for uneven counts, empty experts, one live expert, a skewed routing and no rows."""
     import mindspore as ms
 
     from hyper_parallel.kernels import Kernels
@@ -344,7 +344,8 @@ def grouped_mm_matches_reference() -> bool:
     assert type(p.kernels) is not Kernels, "the MindSpore adapter should install its own kernels"
     rng = np.random.RandomState(7)
     w = ms.Tensor(rng.randn(4, 5, 3).astype(np.float32))
-    for counts in ([2, 0, 3, 1], [0, 0, 4, 0], [1, 1, 1, 1], [0, 0, 0, 0], [6, 0, 0, 0]):
+    # padded batch: [2, 0, 3, 1], [1, 1, 1, 1], [5, 9, 0, 7]; one live expert or skewed ([9, 1, 0, 0]): the loop
+    for counts in ([2, 0, 3, 1], [0, 0, 4, 0], [1, 1, 1, 1], [0, 0, 0, 0], [6, 0, 0, 0], [5, 9, 0, 7], [9, 1, 0, 0]):
         x = ms.Tensor(rng.randn(sum(counts), 5).astype(np.float32)) if sum(counts) else p.zeros((0, 5))
         g = ms.Tensor(rng.randn(sum(counts), 3).astype(np.float32)) if sum(counts) else p.zeros((0, 3))
         results = []
@@ -364,4 +365,51 @@ def grouped_mm_matches_reference() -> bool:
             assert "num_tokens_per_expert" in str(e), str(e)
         else:
             raise AssertionError(f"grouped_mm accepted counts {bad} for 6 rows and 4 experts")
+    return True
+
+
+
+def training_after_a_raising_step_is_right(parallel: bool) -> bool:
+    """A ``value_and_grad`` whose function raises (a refused input, a user's own error) leaves later training
+    right: MindSpore 2.10 keeps its half-built autograd state, and the next steps with its own optimizer
+    (``nn.AdamWeightDecay``) silently took other values (measured: the loss from the second step on), unless the
+    adapter resets it. Three steps from the same start give the same losses and weights before and after."""
+    import mindspore as ms
+
+    p = get_platform()
+    mesh = init_device_mesh("cpu", (p.get_world_size(),), mesh_dim_names=("ep",)) if parallel else None
+    x = p.tensor(np.random.RandomState(p.get_rank() if parallel else 0).randn(12, 8).astype(np.float32))
+
+    def build():
+        layer = MoE(dim=8, hidden_dim=16, num_experts=4, top_k=2, num_shared_experts=1, init_std=0.5, seed=3)
+        if parallel:
+            ExpertParallel().apply(layer.experts, mesh)
+        return layer, [q for _, q in p.named_parameters(layer) if q.requires_grad]
+
+    def train() -> tuple[list, list]:
+        layer, params = build()
+        opt = ms.nn.AdamWeightDecay(params, learning_rate=0.05)
+        losses = []
+        for _ in range(3):
+            loss, _, grads = p.value_and_grad(lambda: (layer(x) ** 2).mean(), [], params)
+            opt(tuple(grads))
+            losses.append(float(loss.asnumpy()))
+        return losses, [q.asnumpy() for q in params]
+
+    def raising():
+        layer, _ = build()
+        (layer(x) ** 2).sum()
+        raise ValueError("a user's error, mid-forward")
+
+    before = train()
+    try:
+        p.value_and_grad(raising, [], build()[1])
+    except ValueError as e:
+        assert "mid-forward" in str(e), str(e)
+    else:
+        raise AssertionError("the raising function did not raise")
+    after = train()
+    assert after[0] == before[0], f"losses {after[0]} after the raising step, {before[0]} before"
+    for got, want in zip(after[1], before[1]):
+        np.testing.assert_array_equal(got, want)
     return True
