@@ -38,6 +38,40 @@ class Kernels:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
 
+    def use_fused_permute(self, counts_RE) -> bool:
+        """Whether dispatch moves its rows with :meth:`permute_rows` (block copies, offsets from the device counts)
+        instead of building an index and gathering through it. The reference: never (an adapter with a fused
+        kernel says where it runs)."""
+        return False
+
+    def permute_rows(self, x, counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E, num_rows: int,
+                     num_slots: int, to_expert_major: bool):
+        """Rows between the rank-major order an all-to-all delivers (``[T, D]``) and the expert-major slots experts
+        read (``[P, D]``, padding slots zero), in the direction ``to_expert_major`` says; the permute step of
+        :mod:`~hyper_parallel.expert_parallel.permute` as a kernel of its own.
+
+        Each (rank, expert) block of rows is contiguous on both sides, so a fused kernel copies blocks at offsets it
+        derives from ``counts_RE`` on the device: no index is built or read. This reference builds the slots with
+        :meth:`permute_slots` and moves the rows through them.
+
+        Args:
+            x: ``[T, D]`` rank-major rows (``to_expert_major``) or ``[P, D]`` expert-major slots.
+            counts_RE: int64 ``[R*E]`` rows from rank r for local expert e (rank-major); they sum to ``num_rows``.
+            num_ranks: R.
+            num_local_experts: E.
+            expert_offsets_E: int64 ``[E]`` start slot of each expert's group (padding included).
+            num_rows: T > 0.
+            num_slots: P >= T.
+            to_expert_major: the direction.
+        """
+        slots_T = self.permute_slots(counts_RE, num_ranks, num_local_experts, num_rows, expert_offsets_E)
+        if not to_expert_major:
+            return x[slots_T]
+        out = self.platform.zeros((num_slots, *x.shape[1:]), dtype=self.platform.dtype_name(x.dtype),
+                                  device=getattr(x, "device", None))
+        out[slots_T] = x
+        return out
+
     def permute_slots(self, counts_RE, num_ranks: int, num_local_experts: int, num_rows: int, expert_offsets_E):
         """Slot in the expert-major buffer of every rank-major row (the index build of
         :func:`~hyper_parallel.expert_parallel.permute.build_permute_indices`); ``[T]`` int64.

@@ -156,6 +156,72 @@ if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests r
         return slots
 
 
+#: How :meth:`TorchKernels.permute_rows` runs: ``"auto"`` (the Triton block copy on CUDA where Triton imports, the
+#: gathers through an index elsewhere), ``"triton"`` (forced; under ``TRITON_INTERPRET=1`` on CPU tensors too) or
+#: ``"gather"`` (never fused).
+PERMUTE_ROWS_IMPLS = ("auto", "triton", "gather")
+
+#: (programs per (rank, expert) block, columns per step, warps) of the block copy; the first of the configurations
+#: the benchmark prototype tried (1.10-1.24x the copy floor on an H200, 2026-11-22).
+PERMUTE_ROWS_CONFIG = (16, 1024, 4)
+
+
+if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it under TRITON_INTERPRET=1
+
+    @triton.jit(do_not_specialize=["num_rows", "num_slots", "num_blocks", "D"])
+    def _permute_rows_kernel(x_ptr, y_ptr, counts_ptr, offsets_ptr, num_rows, num_slots, num_blocks, D,
+                             NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                             BLOCK_D: tl.constexpr, TO_EXPERT_MAJOR: tl.constexpr):
+        # Programs (block, j): block is a (rank, expert) block, rank-major; j copies every SPLIT-th of its rows.
+        # The block's rank-major start and expert-major start as in _permute_slots_kernel.
+        block = tl.program_id(0)
+        expert = block % NUM_LOCAL_EXPERTS
+        lane = tl.arange(0, CHUNK)
+        before = tl.zeros([CHUNK], dtype=tl.int64)
+        same_expert_before = tl.zeros([CHUNK], dtype=tl.int64)
+        for first in range(0, block, CHUNK):
+            idx = first + lane
+            n = tl.load(counts_ptr + idx, mask=idx < block, other=0).to(tl.int64)
+            before += n
+            same_expert_before += tl.where(idx % NUM_LOCAL_EXPERTS == expert, n, 0)
+        row_start = tl.sum(before, axis=0)
+        slot_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+        count = tl.load(counts_ptr + block).to(tl.int32)
+        cols = tl.arange(0, BLOCK_D)
+        for i in range(tl.program_id(1), count, SPLIT):
+            row, slot = row_start + i, slot_start + i
+            # counts that disagree with num_rows / num_slots must not read or write out of bounds
+            inside = (row < num_rows) & (slot < num_slots)
+            if TO_EXPERT_MAJOR:
+                src, dst = row, slot
+            else:
+                src, dst = slot, row
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                m = (c < D) & inside
+                tl.store(y_ptr + dst * D + c, tl.load(x_ptr + src * D + c, mask=m), mask=m)
+
+    def permute_rows_triton(x, counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E, num_rows: int,
+                            num_slots: int, to_expert_major: bool):
+        """``Kernels.permute_rows`` in one launch: a copy of every (rank, expert) block of rows, its offsets derived
+        from the counts in the kernel (no index built, none read)."""
+        x = x.contiguous()
+        D = x[0].numel() if x.shape[0] else 1
+        out_rows = num_slots if to_expert_major else num_rows
+        # padding slots stay zero; without padding every output row is written
+        make = torch.zeros if to_expert_major and num_slots > num_rows else torch.empty
+        y = make((out_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        blocks = num_ranks * num_local_experts
+        split, block_d, warps = PERMUTE_ROWS_CONFIG
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _permute_rows_kernel[(blocks, split)](
+                x, y, counts_RE.reshape(-1).contiguous(), expert_offsets_E.contiguous(), num_rows, num_slots, blocks,
+                D, NUM_LOCAL_EXPERTS=num_local_experts, CHUNK=min(1024, triton.next_power_of_2(max(blocks, 16))),
+                SPLIT=split, BLOCK_D=min(block_d, triton.next_power_of_2(D)), TO_EXPERT_MAJOR=to_expert_major,
+                num_warps=warps)
+        return y
+
+
 def choose_permute_impl(requested: str, device_type: str, *, triton_usable: bool, capturing: bool,
                         broken: frozenset = frozenset()) -> str:
     """The index build :meth:`TorchPlatform.permute_slots` runs.

@@ -243,12 +243,13 @@ class MindSporeKernels(Kernels):
     faster. ``C`` is the busiest expert's rows rounded up (:func:`_padded_rows`), and the batch runs only while the
     padding is small: with ``E * C > 3 * N`` rows (a skewed routing) the loop runs instead.
 
-    Why a split in the loop: MindSpore 2.10 compiles and keeps a kernel graph for every new (shape, start, stop) of a slice's gradient
-    (``StridedSliceGrad``, which has no cached fast path on CPU), and per-expert row counts change every step, so the
-    reference's ``x[start:start + n]`` made a training process grow without bound: an expert-parallel MoE training
-    loop on 2 ranks grew 0.77 MiB per step per rank, the single-process demo 3.5 MiB per step (measured: Python's heap
-    stayed flat; the growth went away with constant routing or with ``mindspore.ms_memory_recycle()``). A ``split``
-    (its gradient a concat) compiles nothing per shape: 0.11 MiB per step, and the step is about 20% faster.
+    Why a split in the loop: MindSpore 2.10 compiles and keeps a kernel graph for every new (shape, start, stop) of
+    a slice's gradient (``StridedSliceGrad``, which has no cached fast path on CPU), and per-expert row counts change
+    every step, so the reference's ``x[start:start + n]`` made a training process grow without bound: an
+    expert-parallel MoE training loop on 2 ranks grew 0.77 MiB per step per rank, the single-process demo 3.5 MiB per
+    step (measured: Python's heap stayed flat; the growth went away with constant routing or with
+    ``mindspore.ms_memory_recycle()``). A ``split`` (its gradient a concat) compiles nothing per shape: 0.11 MiB per
+    step, and the step is about 20% faster.
     """
 
     def __init__(self, platform) -> None:

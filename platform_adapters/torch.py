@@ -34,6 +34,7 @@ import torch.distributed as dist
 from hyper_parallel.kernels import Kernels
 from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, Rendezvous, WorldEnv
 from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests and benchmarks reach them here
+    PERMUTE_ROWS_IMPLS,
     PERMUTE_SLOTS_IMPLS,
     PINNED_COPY_MAX_BYTES,
     GraphedSlots,
@@ -51,7 +52,7 @@ from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests a
 )
 
 try:
-    from platform_adapters._torch_cuda import permute_slots_triton
+    from platform_adapters._torch_cuda import permute_rows_triton, permute_slots_triton
 except ImportError:  # Triton is not installed
     pass
 
@@ -83,12 +84,41 @@ class TorchKernels(Kernels):
 
     #: Which index build :meth:`permute_slots` runs: ``"auto"`` or one forced (see :func:`choose_permute_impl`).
     permute_slots_impl = "auto"
+    #: How dispatch moves its rows (see ``PERMUTE_ROWS_IMPLS``): ``"auto"``, ``"triton"`` or ``"gather"``.
+    permute_rows_impl = "auto"
 
     def __init__(self, platform) -> None:
         super().__init__(platform)
         self._broken_impls: frozenset = frozenset()  # auto-chosen index builds that failed once, skipped since
         self._graphs: dict = {}  # captured index builds by (device, R, E, capacity)
         self._group_ends_cache: tuple = (None, None)  # (key, int32 group ends) of the last grouped_mm counts
+
+    def use_fused_permute(self, counts_RE) -> bool:
+        impl = self.permute_rows_impl
+        if impl not in PERMUTE_ROWS_IMPLS:
+            raise ValueError(f"permute_rows_impl must be one of {list(PERMUTE_ROWS_IMPLS)}, got {impl!r}")
+        if impl != "auto":
+            return impl == "triton"
+        return counts_RE.is_cuda and triton is not None and "permute_rows" not in self._broken_impls
+
+    def permute_rows(self, x, counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E, num_rows: int,
+                     num_slots: int, to_expert_major: bool):
+        args = (x, counts_RE, num_ranks, num_local_experts, expert_offsets_E, num_rows, num_slots, to_expert_major)
+        if self.permute_rows_impl == "triton" and triton is None:
+            raise RuntimeError("permute_rows_impl='triton' needs the triton package, which does not import")
+        if triton is None or not (x.is_cuda or self.permute_rows_impl == "triton"):
+            return super().permute_rows(*args)
+        try:
+            return permute_rows_triton(*args)
+        except Exception as e:
+            if self.permute_rows_impl == "triton":
+                raise
+            message = (f"permute_rows: the Triton block copy failed ({type(e).__name__}: {e}); the rows move through "
+                       "an index for the rest of this process")
+            _log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self._broken_impls = self._broken_impls | {"permute_rows"}
+            return super().permute_rows(*args)
 
     def swiglu(self, h, g):
         # on CUDA one fused silu kernel instead of a sigmoid and two multiplies, each a pass over [N, H] (and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -365,3 +366,69 @@ def test_checks_are_reduced_to_their_worst_over_ranks(gpu_ep, monkeypatch):
     checks = {"err": 1.5e-3, "ok": True, "bad": False, "impl": "triton", "syncs": [1, 1]}
     gpu_ep.worst_over_ranks(TwoRanks(), checks)
     assert checks == {"err": 3e-3, "ok": False, "bad": False, "impl": "triton", "syncs": [1, 1]}
+
+
+# ---------------------------------------------------------------------- permute_rows (the fused permute step)
+def test_permute_rows_impl_choice():
+    kernels = adapter.TorchPlatform().kernels
+    counts = torch.tensor([1, 2])
+    assert kernels.use_fused_permute(counts) is False  # "auto" on a CPU tensor: the gathers through an index
+    kernels.permute_rows_impl = "triton"
+    assert kernels.use_fused_permute(counts) is True
+    kernels.permute_rows_impl = "gather"
+    assert kernels.use_fused_permute(counts) is False
+    kernels.permute_rows_impl = "fused"
+    with pytest.raises(ValueError, match=r"permute_rows_impl must be one of \['auto', 'triton', 'gather'\], got "
+                                         r"'fused'"):
+        kernels.use_fused_permute(counts)
+
+
+def test_permute_rows_kernel_under_the_interpreter():
+    """The Triton block copy (``permute_rows_triton``) on CPU tensors under ``TRITON_INTERPRET=1``: both directions
+    against the neutral ``Kernels.permute_rows`` (bit for bit, padding slots zero), then forced through the
+    platform (``permute_rows_impl="triton"``) in dispatch's permute / unpermute with values and gradients against
+    the brute-force reference. In a subprocess, as the index-build kernel's test above says why."""
+    if importlib.util.find_spec("triton") is None:
+        if TRITON_HAS_WHEELS:
+            pytest.fail("triton is not installed, but it is a test dependency on this platform")
+        pytest.skip(f"Triton publishes no wheel for {sys.platform} {platform.machine()}")
+    script = textwrap.dedent("""
+        import os, random, torch
+        assert os.environ["TRITON_INTERPRET"] == "1"
+        from hyper_parallel import get_platform
+        from hyper_parallel.kernels import Kernels
+        from platform_adapters import torch as adapter
+        from tests.cases import permute_cases as pc
+        from tests.test_torch_cuda_paths import neutral_slots
+        reference = Kernels(adapter.TorchPlatform())
+        rng = random.Random(1)
+        checked = 0
+        for _ in range(12):
+            R, E = rng.randint(1, 4), rng.randint(1, 6)
+            counts = [rng.choice([0, 0, 1, 3, 17]) for _ in range(R * E)]
+            if not sum(counts):
+                continue
+            align = rng.choice([1, 8])
+            _, counts_t, offsets_t = neutral_slots(counts, R, E, align)
+            T = sum(counts)
+            P = T if align == 1 else sum(max(align, -(-sum(counts[e::E]) // align) * align) for e in range(E))
+            D = rng.choice([1, 5, 33])
+            for to_expert_major, rows in ((True, T), (False, P)):
+                x = torch.randn(rows, D)
+                args = (counts_t, R, E, offsets_t, T, P, to_expert_major)
+                got, want = adapter.permute_rows_triton(x, *args), reference.permute_rows(x, *args)
+                assert got.dtype == x.dtype and torch.equal(got, want), (counts, R, E, align, to_expert_major)
+                checked += 1
+        kernels = get_platform().kernels
+        kernels.permute_rows_impl = "triton"  # forced: every permute and unpermute below runs the kernel
+        for counts, R, E, align in (([1, 2, 3, 0], 2, 2, 1), ([1, 2, 3, 0], 2, 2, 8), ([0, 5, 0, 2, 4, 1], 3, 2, 1)):
+            pc._check(counts, R, E, align, 3)
+            checked += 1
+        print(f"interpreted block copy matches the references in {checked} cases")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", HYPER_PARALLEL_PLATFORM="torch")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.search(r"interpreted block copy matches the references in (\d+) cases", out.stdout)
+    assert m and int(m.group(1)) >= 15, out.stdout + out.stderr[-3000:]

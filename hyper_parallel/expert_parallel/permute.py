@@ -40,9 +40,11 @@ class PermuteIndices:
     """Everything :func:`permute` and :func:`unpermute` need, built once per dispatch."""
 
     source_row_P: object
-    """For each expert-major slot, the rank-major row it reads; ``T`` (the appended zero row) for padding."""
+    """For each expert-major slot, the rank-major row it reads; ``T`` (the appended zero row) for padding. None
+    when ``fused``."""
     slot_of_row_T: object
-    """For each rank-major row, its slot in the expert-major buffer (the inverse, used by unpermute)."""
+    """For each rank-major row, its slot in the expert-major buffer (the inverse, used by unpermute). None when
+    ``fused``."""
     num_tokens_per_expert: tuple[int, ...]
     """Rows per local expert after padding (host ints); what the experts consume."""
     expert_offsets: tuple[int, ...]
@@ -51,6 +53,17 @@ class PermuteIndices:
     """``T``: rows received."""
     num_slots: int
     """``P``: rows after padding."""
+    fused: bool = False
+    """The rows move with the platform's ``Kernels.permute_rows`` (block copies from the device counts below), not
+    through the two indices above, which are not built."""
+    counts_RE: object = None
+    """When ``fused``: int64 ``[R*E]`` rows per (rank, local expert) on the device."""
+    offsets_E: object = None
+    """When ``fused``: int64 ``[E]`` ``expert_offsets`` on the device."""
+    num_ranks: int = 0
+    """``R``."""
+    num_local_experts: int = 0
+    """``E``."""
 
 
 def aligned_counts(tokens_per_expert: Sequence[int], align: int) -> list[int]:
@@ -100,6 +113,11 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
         offsets[e] = offsets[e - 1] + per_expert[e - 1]
     T, P = sum(tokens_per_expert), sum(per_expert)
     device = getattr(counts_RE, "device", None)
+    if T and p.kernels.use_fused_permute(counts_RE):
+        offsets_E = p.tensor(offsets, dtype="int64", device=device)
+        return PermuteIndices(source_row_P=None, slot_of_row_T=None, num_tokens_per_expert=tuple(per_expert),
+                              expert_offsets=tuple(offsets), num_rows=T, num_slots=P, fused=True,
+                              counts_RE=counts_RE.reshape(-1), offsets_E=offsets_E, num_ranks=R, num_local_experts=E)
     if p.kernels.host_index_build:
         source_np, slots_np = host_permute_indices(host_counts_RE, R, E, offsets, P)
         return PermuteIndices(source_row_P=p.tensor(source_np, dtype="int64", device=device),
@@ -119,6 +137,8 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
 
 def _gather_slots(x_TD, indices: PermuteIndices):
     """``[T, D]`` -> ``[P, D]``: slot ``s`` reads row ``source_row_P[s]`` (padding reads zeros)."""
+    if indices.fused:
+        return _moved(x_TD, indices, to_expert_major=True)
     if indices.num_slots == indices.num_rows:  # no padding: a pure permutation, no zero row to append
         return x_TD[indices.source_row_P]
     p = get_platform()
@@ -128,7 +148,15 @@ def _gather_slots(x_TD, indices: PermuteIndices):
 
 def _gather_rows(y_PD, indices: PermuteIndices):
     """``[P, D]`` -> ``[T, D]``: row ``t`` reads slot ``slot_of_row_T[t]`` (padding slots are dropped)."""
+    if indices.fused:
+        return _moved(y_PD, indices, to_expert_major=False)
     return y_PD[indices.slot_of_row_T]
+
+
+def _moved(x, indices: PermuteIndices, *, to_expert_major: bool):
+    return get_platform().kernels.permute_rows(x, indices.counts_RE, indices.num_ranks, indices.num_local_experts,
+                                               indices.offsets_E, indices.num_rows, indices.num_slots,
+                                               to_expert_major)
 
 
 def host_permute_indices(host_counts_RE: Sequence[int], num_ranks: int, num_local_experts: int,

@@ -20,21 +20,38 @@ def reference(counts: list[int], R: int, E: int, align: int) -> list[int]:
 
 
 def check(counts: list[int], R: int, E: int, align: int, D: int = 3) -> None:
-    """Both index builds (the device ops and the host build from the counts) against the brute-force reference."""
+    """Both index builds (the device ops and the host build from the counts), and the rows moved by the platform's
+    ``Kernels.permute_rows`` without an index (forced: it is the CUDA path), against the brute-force reference."""
     kernels = get_platform().kernels
     default = kernels.host_index_build
     try:
         for on_host in (False, True):
             kernels.host_index_build = on_host
             _check(counts, R, E, align, D)
+        kernels.use_fused_permute = lambda counts_RE: True  # this instance only; removed below
+        _check(counts, R, E, align, D)
     finally:
         kernels.host_index_build = default
+        kernels.__dict__.pop("use_fused_permute", None)
 
 
 def _check(counts: list[int], R: int, E: int, align: int, D: int) -> None:
     p = get_platform()
-    idx = build_permute_indices(p.tensor(counts, dtype="int64"), counts, R, E, align=align)
+    counts_RE = p.tensor(counts, dtype="int64")
+    idx = build_permute_indices(counts_RE, counts, R, E, align=align)
     want = reference(counts, R, E, align)
+    T = sum(counts)
+    assert idx.fused == (T > 0 and p.kernels.use_fused_permute(counts_RE)), (counts, idx.fused)
+    if not idx.fused:
+        _check_indices(idx, want, counts, R, E, align)
+    assert idx.num_rows == T and idx.num_slots == len(want)
+    assert sum(idx.num_tokens_per_expert) == len(want)
+    assert all(n % align == 0 and (align == 1 or n >= align) for n in idx.num_tokens_per_expert)
+    _check_round_trip(idx, want, T, D)
+
+
+def _check_indices(idx, want: list[int], counts: list[int], R: int, E: int, align: int) -> None:
+    p = get_platform()
     assert p.tolist(idx.source_row_P) == want, (counts, R, E, align, p.kernels.host_index_build)
     T = sum(counts)
     inverse = [0] * T
@@ -42,9 +59,10 @@ def _check(counts: list[int], R: int, E: int, align: int, D: int) -> None:
         if src < T:
             inverse[src] = slot
     assert p.tolist(idx.slot_of_row_T) == inverse, (counts, R, E, align, p.kernels.host_index_build)
-    assert idx.num_rows == T and idx.num_slots == len(want)
-    assert sum(idx.num_tokens_per_expert) == len(want)
-    assert all(n % align == 0 and (align == 1 or n >= align) for n in idx.num_tokens_per_expert)
+
+
+def _check_round_trip(idx, want: list[int], T: int, D: int) -> None:
+    p = get_platform()
     # round trip with values and gradients: permute then unpermute is the identity on real rows
     x = p.tensor((np.arange(T * D, dtype=np.float64).reshape(T, D) + 1).tolist()) if T else p.zeros((0, D))
     y = permute(x, idx)
