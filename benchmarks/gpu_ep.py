@@ -53,7 +53,7 @@ from hyper_parallel import ExpertParallel, get_platform, init_device_mesh  # noq
 from hyper_parallel.expert_parallel import ExpertTensorParallel  # noqa: E402
 from hyper_parallel.expert_parallel.dispatch import token_combine, token_dispatch  # noqa: E402
 from hyper_parallel.kernels import Kernels  # noqa: E402
-from hyper_parallel.expert_parallel.permute import build_permute_indices, permute  # noqa: E402
+from hyper_parallel.expert_parallel.permute import build_permute_indices, permute, unpermute  # noqa: E402
 from hyper_parallel.moe.experts import swiglu_experts  # noqa: E402
 from hyper_parallel.moe.torch import GroupedExperts  # noqa: E402
 from platform_adapters import torch as adapter  # noqa: E402
@@ -291,6 +291,7 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     n_it, n_w = args.iters, args.warmup
     times["copy_floor"] = clock.time(lambda: dst.copy_(pick()), n_it, n_w)
     times["copy_floor"]["bytes"] = 2 * T * D * 2
+    p.kernels.permute_rows_impl = "gather"  # the index-based step and its parts; the package's fused step below
     idx = build_permute_indices(counts_RE, host_RE, world, E)
     times["gather_only"] = clock.time(lambda: pick()[idx.source_row_P], n_it, n_w)
     for impl in ("neutral", *impls):
@@ -299,12 +300,19 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     p.kernels.permute_slots_impl = "auto"
     times["build_permute_indices"] = clock.time(lambda: build_permute_indices(counts_RE, host_RE, world, E),
                                                 n_it, n_w)
-    times["permute_step_package"] = clock.time(
-        lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), n_it, n_w)
+    step = lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E))  # noqa: E731
+    times["permute_step_package_gather"] = clock.time(step, n_it, n_w)
     times["permute_step_no_cat"] = clock.time(
         lambda: pick()[build_permute_indices(counts_RE, host_RE, world, E).source_row_P], n_it, n_w)
+    times["permute_step_package_gather_back_to_back"] = back_to_back(clock, step, 10, 2)
+    want = permute(xs_T[0], idx)
+    p.kernels.permute_rows_impl = "auto"  # the package's default on CUDA: the Triton block copy
+    fused_idx = build_permute_indices(counts_RE, host_RE, world, E)
+    checks["permute_step_package_fused"] = fused_idx.fused
+    checks["permute_step_package_equal"] = bool(torch.equal(permute(xs_T[0], fused_idx), want))
+    checks["unpermute_package_equal"] = bool(torch.equal(unpermute(want, fused_idx), xs_T[0]))
+    times["permute_step_package"] = clock.time(step, n_it, n_w)
     if fused_permute is not None and DEV.type == "cuda":
-        want = permute(xs_T[0], idx)
         best = None
         for config in FUSED_CONFIGS:
             fused = lambda: fused_permute(pick(), counts_RE, world, E, config)  # noqa: E731
@@ -317,11 +325,12 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
                 best = key
         times["permute_step_fused_prototype"] = dict(times[best], config=best)
         times["permute_step_fused_prototype_back_to_back"] = times[best + "_back_to_back"]
-        del want
+    del want
     times["copy_floor_back_to_back"] = back_to_back(clock, lambda: dst.copy_(pick()), 10, 2)
     times["gather_only_back_to_back"] = back_to_back(clock, lambda: pick()[idx.source_row_P], 10, 2)
     times["permute_step_package_back_to_back"] = back_to_back(
         clock, lambda: permute(pick(), build_permute_indices(counts_RE, host_RE, world, E)), 10, 2)
+    p.kernels.permute_rows_impl = args.permute_rows
     del xs_T, dst
 
 
@@ -699,8 +708,9 @@ def summary_rows(name: str, r: dict, world: int) -> list[tuple]:
                             ("graph", "CUDA graph"), ("triton", "Triton")):
             if f"index_build_{impl}" in t:
                 rows.append((name, gpus, f"index build: {label}", us(f"index_build_{impl}"), "", "", "", ""))
-        for key, label in (("permute_step_no_cat", "permute step: build + gather (as dispatch runs it at align 1)"),
-                           ("permute_step_package", "permute step: permute() (no cat at align 1 since b2f5d42)"),
+        for key, label in (("permute_step_no_cat", "permute step: index build + gather"),
+                           ("permute_step_package_gather", "permute step: permute() through an index"),
+                           ("permute_step_package", "permute step: permute(), the package's Triton block copy"),
                            ("permute_step_fused_prototype", "permute step, one fused kernel (prototype)")):
             if key not in t:
                 continue
@@ -709,7 +719,8 @@ def summary_rows(name: str, r: dict, world: int) -> list[tuple]:
         b2b_floor = us("copy_floor_back_to_back")
         rows.append((name, gpus, "copy floor, back to back", b2b_floor, "", "", "", ""))
         for key, label in (("gather_only_back_to_back", "gather alone, back to back"),
-                           ("permute_step_package_back_to_back", "permute step, back to back"),
+                           ("permute_step_package_gather_back_to_back", "permute() through an index, back to back"),
+                           ("permute_step_package_back_to_back", "permute() block copy, back to back"),
                            ("permute_step_fused_prototype_back_to_back", "fused prototype, back to back")):
             if key in t:
                 rows.append((name, gpus, label, us(key), "copy b2b", us(key) / b2b_floor, "", ""))
@@ -828,6 +839,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layer-iters", type=int, default=10, help="timed repetitions of the layer forward+backward")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON report")
+    ap.add_argument("--permute-rows", choices=("auto", "gather"), default="auto",
+                    help="how dispatch moves rows in the comm and layer parts: auto (the package's default: the "
+                         "Triton block copy on CUDA) or gather (through an index, as before it); an A/B switch")
     args = ap.parse_args(argv)
     args.parts = set(args.parts.split(","))
     unknown = args.parts - {"permute", "comm", "layer"}
@@ -836,6 +850,7 @@ def main(argv=None) -> int:
 
     p = get_platform()
     p.init_process_group()
+    p.kernels.permute_rows_impl = args.permute_rows
     rank, world = p.get_rank(), p.get_world_size()
     global DEV
     DEV = p.device
@@ -849,6 +864,8 @@ def main(argv=None) -> int:
         runner, stem = run_shape, f"gpu_ep_w{world}"
     if args.parts != {"permute", "comm", "layer"}:
         stem += "_" + "-".join(sorted(args.parts))
+    if args.permute_rows != "auto":
+        stem += "_" + args.permute_rows
     clock = Clock(p)
     report = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "world": world,
               "layout": args.layout, "versions": p.versions(),
