@@ -232,29 +232,20 @@ class _ClosureFunction(mindspore._Function):
 
 
 class MindSporeKernels(Kernels):
-    """The MindSpore adapter's kernels: ``grouped_mm`` as ONE batched matmul over experts padded to the busiest one's
-    rows where the padding is cheap, else one ``split`` (not a slice per expert) and a matmul per expert.
+    """The MindSpore adapter's kernels: ``grouped_mm`` cuts the rows with one ``split`` instead of a slice per expert.
 
-    Why batched: every PyNative op costs about 0.1-1 ms on CPU whatever its size, and the per-expert loop issues
-    three ops per expert and direction (the SwiGLU experts: nine matmuls per expert and step). The padded form is a
-    fixed handful of ops: the rows gathered into ``[E, C, K]`` (padding reads an appended zero row, so it adds
-    nothing and gets no gradient), one ``bmm``, the real rows gathered back; the gather indices come from the host
-    counts, in NumPy. Measured on the demo's experts (8 experts, 1024 rows of 32): forward and backward about 2x
-    faster. ``C`` is the busiest expert's rows rounded up (:func:`_padded_rows`), and the batch runs only while the
-    padding is small: with ``E * C > 3 * N`` rows (a skewed routing) the loop runs instead.
+    Why: MindSpore 2.10 compiles and keeps a kernel graph for every new (shape, start, stop) of a slice's gradient
+    (``StridedSliceGrad``, which has no cached fast path on CPU), and per-expert row counts change every step, so the
+    reference's ``x[start:start + n]`` made a training process grow without bound: an expert-parallel MoE training
+    loop on 2 ranks grew 0.77 MiB per step per rank, the single-process demo 3.5 MiB per step (measured: Python's heap
+    stayed flat; the growth went away with constant routing or with ``mindspore.ms_memory_recycle()``). A ``split``
+    (its gradient a concat) compiles nothing per shape: 0.11 MiB per step, and the step is about 20% faster.
 
-    Why a split in the loop: MindSpore 2.10 compiles and keeps a kernel graph for every new (shape, start, stop) of
-    a slice's gradient (``StridedSliceGrad``, which has no cached fast path on CPU), and per-expert row counts change
-    every step, so the reference's ``x[start:start + n]`` made a training process grow without bound: an
-    expert-parallel MoE training loop on 2 ranks grew 0.77 MiB per step per rank, the single-process demo 3.5 MiB per
-    step (measured: Python's heap stayed flat; the growth went away with constant routing or with
-    ``mindspore.ms_memory_recycle()``). A ``split`` (its gradient a concat) compiles nothing per shape: 0.11 MiB per
-    step, and the step is about 20% faster.
+    Not batched: one ``bmm`` over the experts padded to the busiest one's rows (the rows gathered into ``[E, C, K]``
+    through host-built indices, the real rows gathered back) made the experts' forward and backward 2x faster, but
+    the 200-step soak's memory growth on MindSpore went from 0.22-0.25 to 0.48-0.54 MiB per step per process, even
+    with ``C`` rounded to four sizes per octave (measured 2026-11-30); so the loop stays.
     """
-
-    def __init__(self, platform) -> None:
-        super().__init__(platform)
-        self._padding_cache = None
 
     def matmul(self, a_NK, b_KM):
         return mint.bmm(a_NK.unsqueeze(0), b_KM.unsqueeze(0)).squeeze(0)
@@ -265,50 +256,10 @@ class MindSporeKernels(Kernels):
         if (len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0
                 or not live):
             return super().grouped_mm(x_NK, w_EKM, counts)  # raises on bad counts; zero rows: its connected zeros
-        E, N = len(counts), sum(counts)
-        if len(live) > 1 and E * _padded_rows(max(counts)) <= _MAX_PADDING * N:
-            return self._padded_grouped_mm(x_NK, w_EKM, counts)
         w_E = w_EKM.unbind(0)
         parts = mint.split(x_NK, [counts[e] for e in live]) if len(live) > 1 else (x_NK,)
         outs = [self.matmul(part, w_E[e]) for part, e in zip(parts, live)]
         return outs[0] if len(outs) == 1 else mint.cat(outs)
-
-    def _padded_grouped_mm(self, x_NK, w_EKM, counts: list[int]):
-        source_EC, real_rows = self._padding_indices(tuple(counts))
-        E, C = len(counts), _padded_rows(max(counts))
-        padded_NK = mint.cat([x_NK, mint.zeros((1, x_NK.shape[1]), dtype=x_NK.dtype)])
-        y_ECM = mint.bmm(padded_NK[source_EC].reshape(E, C, x_NK.shape[1]), w_EKM)
-        return y_ECM.reshape(E * C, w_EKM.shape[2])[real_rows]
-
-    def _padding_indices(self, counts: tuple[int, ...]) -> tuple:
-        """``(source_EC, real_rows)``: for each padded slot ``e * C + i`` the row it reads (``N``, the zero row, for
-        padding), and the padded slots of the real rows in order. Cached for the last counts: the SwiGLU experts
-        call ``grouped_mm`` three times per direction with the same counts."""
-        if self._padding_cache is not None and self._padding_cache[0] == counts:
-            return self._padding_cache[1]
-        counts_E = np.asarray(counts, dtype=np.int64)
-        C, N = _padded_rows(max(counts)), int(counts_E.sum())
-        start_E = np.cumsum(counts_E) - counts_E
-        slot_EC = np.arange(C)[None, :]
-        real_EC = slot_EC < counts_E[:, None]
-        source_EC = np.where(real_EC, start_E[:, None] + slot_EC, N).reshape(-1)
-        real_rows = np.flatnonzero(real_EC.reshape(-1))  # expert-major, so the rows come back in their order
-        built = (mindspore.Tensor(source_EC), mindspore.Tensor(real_rows.astype(np.int64)))
-        self._padding_cache = (counts, built)
-        return built
-
-
-# grouped_mm on MindSpore batches the experts while the padded rows E * C stay within this factor of the real rows N
-_MAX_PADDING = 3
-
-
-def _padded_rows(busiest: int) -> int:
-    """Rows per expert in the padded batch: the busiest expert's, rounded up to one of four steps per power of two
-    (at most 25% padding on top). MindSpore keeps a compiled kernel per new shape, and the batch changes every
-    step: measured, the exact row count grew a 2-rank training loop by 0.4-0.6 MiB per step; four sizes per octave
-    bound the shapes to a few dozen."""
-    quantum = 1 << max(0, busiest.bit_length() - 3)
-    return -(-busiest // quantum) * quantum
 
 
 class MindSporePlatform(Platform):

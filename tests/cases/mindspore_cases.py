@@ -333,8 +333,8 @@ def rss_over_training(steps: int, kernels: str) -> tuple[float, float]:
 
 
 def grouped_mm_matches_reference() -> bool:
-    """The adapter's ``grouped_mm`` (a padded batch, or one split) equals the neutral reference (a slice per expert),
-    output and both gradients, for uneven counts, empty experts, one live expert, a skewed routing and no rows."""
+    """The adapter's ``grouped_mm`` (one split) equals the neutral reference (a slice per expert), output and both
+    gradients, for uneven counts, empty experts, one live expert, a skewed routing and no rows."""
     import mindspore as ms
 
     from hyper_parallel.kernels import Kernels
@@ -344,7 +344,6 @@ def grouped_mm_matches_reference() -> bool:
     assert type(p.kernels) is not Kernels, "the MindSpore adapter should install its own kernels"
     rng = np.random.RandomState(7)
     w = ms.Tensor(rng.randn(4, 5, 3).astype(np.float32))
-    # padded batch: [2, 0, 3, 1], [1, 1, 1, 1], [5, 9, 0, 7]; one live expert or skewed ([9, 1, 0, 0]): the loop
     for counts in ([2, 0, 3, 1], [0, 0, 4, 0], [1, 1, 1, 1], [0, 0, 0, 0], [6, 0, 0, 0], [5, 9, 0, 7], [9, 1, 0, 0]):
         x = ms.Tensor(rng.randn(sum(counts), 5).astype(np.float32)) if sum(counts) else p.zeros((0, 5))
         g = ms.Tensor(rng.randn(sum(counts), 3).astype(np.float32)) if sum(counts) else p.zeros((0, 3))
