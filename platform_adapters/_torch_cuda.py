@@ -118,12 +118,11 @@ class GraphedSlots:  # pragma: no cover - needs a CUDA device; benchmarks/gpu_ep
 
 if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests run it under TRITON_INTERPRET=1
 
-    @triton.jit(do_not_specialize=["num_rows"])
-    def _permute_slots_kernel(counts_ptr, offsets_ptr, slots_ptr, num_rows, num_blocks,
-                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-        # One program per (rank, expert) block, rank-major. Its source start is the sum of the counts before it;
-        # its destination start is its expert's group start plus the counts of the same expert from lower ranks.
-        block = tl.program_id(0)
+    @triton.jit
+    def _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+        """Where (rank, expert) block ``block`` (rank-major) starts in the rank-major rows (the sum of the counts
+        before it) and in the expert-major slots (its expert's group start plus the counts of the same expert from
+        lower ranks)."""
         expert = block % NUM_LOCAL_EXPERTS
         lane = tl.arange(0, CHUNK)
         before = tl.zeros([CHUNK], dtype=tl.int64)
@@ -133,8 +132,16 @@ if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests r
             n = tl.load(counts_ptr + idx, mask=idx < block, other=0).to(tl.int64)
             before += n
             same_expert_before += tl.where(idx % NUM_LOCAL_EXPERTS == expert, n, 0)
-        src_start = tl.sum(before, axis=0)
-        dst_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+        slot_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+        return tl.sum(before, axis=0), slot_start
+
+    @triton.jit(do_not_specialize=["num_rows"])
+    def _permute_slots_kernel(counts_ptr, offsets_ptr, slots_ptr, num_rows, num_blocks,
+                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+        # One program per (rank, expert) block, rank-major: each of its rows' slot is the block's destination start
+        # plus the row's place in the block.
+        block = tl.program_id(0)
+        src_start, dst_start = _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS, CHUNK)
         count = tl.load(counts_ptr + block).to(tl.int32)
         k = tl.arange(0, ROWS)
         for first in range(0, count, ROWS):
@@ -174,19 +181,8 @@ if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it unde
                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
                              BLOCK_D: tl.constexpr, TO_EXPERT_MAJOR: tl.constexpr):
         # Programs (block, j): block is a (rank, expert) block, rank-major; j copies every SPLIT-th of its rows.
-        # The block's rank-major start and expert-major start as in _permute_slots_kernel.
         block = tl.program_id(0)
-        expert = block % NUM_LOCAL_EXPERTS
-        lane = tl.arange(0, CHUNK)
-        before = tl.zeros([CHUNK], dtype=tl.int64)
-        same_expert_before = tl.zeros([CHUNK], dtype=tl.int64)
-        for first in range(0, block, CHUNK):
-            idx = first + lane
-            n = tl.load(counts_ptr + idx, mask=idx < block, other=0).to(tl.int64)
-            before += n
-            same_expert_before += tl.where(idx % NUM_LOCAL_EXPERTS == expert, n, 0)
-        row_start = tl.sum(before, axis=0)
-        slot_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+        row_start, slot_start = _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS, CHUNK)
         count = tl.load(counts_ptr + block).to(tl.int32)
         cols = tl.arange(0, BLOCK_D)
         for i in range(tl.program_id(1), count, SPLIT):
