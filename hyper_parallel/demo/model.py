@@ -44,9 +44,8 @@ class DemoModelMixin:
 
 def routing_margin(layer, x_TD):
     """Smallest gap, over the tokens ``x_TD``, between the k-th and the (k+1)-th expert the layer's router ranks
-    (scores plus expert bias, what top-k decides on): how close this step came to routing a token differently."""
-    choice_TE = layer.router.scores(x_TD) + layer.expert_bias.float()
-    top_TK = choice_TE.topk(layer.top_k + 1)[0]
+    (what its top-k decides on): how close this step came to routing a token differently."""
+    top_TK = layer.router.choices(x_TD, layer.expert_bias)[1].topk(layer.top_k + 1)[0]
     return (top_TK[:, layer.top_k - 1] - top_TK[:, layer.top_k]).min().reshape(1)
 
 

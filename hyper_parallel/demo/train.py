@@ -82,6 +82,7 @@ class AdamW:
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self._exp_avg = self._exp_avg_sq = None  # flat, in parameter order, once the first step ran
         self._step = 0
+        self._state: dict | None = None  # the per-parameter views, built on first use after each change
 
     def params(self) -> list:
         return self.param_groups[0]["params"]
@@ -98,8 +99,10 @@ class AdamW:
     def state(self) -> dict:
         if self._exp_avg is None:
             return {}
-        return {w: {"exp_avg": m, "exp_avg_sq": v, "step": self._step}
-                for w, m, v in zip(self.params(), self._pieces(self._exp_avg), self._pieces(self._exp_avg_sq))}
+        if self._state is None:  # read per parameter by checkpoints: views made once, not once per read
+            self._state = {w: {"exp_avg": m, "exp_avg_sq": v, "step": self._step} for w, m, v in
+                           zip(self.params(), self._pieces(self._exp_avg), self._pieces(self._exp_avg_sq))}
+        return self._state
 
     def step(self, grads) -> None:
         p = get_platform()
@@ -114,6 +117,7 @@ class AdamW:
         self._exp_avg_sq = self._exp_avg_sq * b2 + g * g * (1 - b2)
         c1, c2 = 1 - b1 ** self._step, 1 - b2 ** self._step
         update = (self._exp_avg / c1) / ((self._exp_avg_sq / c2).sqrt() + self.eps) + w * self.weight_decay
+        self._state = None
         for wi, new in zip(params, self._pieces(w - update * self.lr)):
             p.assign(wi, new)
 
@@ -128,6 +132,7 @@ class AdamW:
                 step for all)."""
         p = get_platform()
         params, state = self.params(), sd["state"]
+        self._state = None
         if not state:
             self._exp_avg = self._exp_avg_sq = None
             self._step = 0

@@ -53,9 +53,6 @@ class PermuteIndices:
     """``T``: rows received."""
     num_slots: int
     """``P``: rows after padding."""
-    fused: bool = False
-    """The rows move with the platform's ``Kernels.permute_rows`` (block copies from the device counts below), not
-    through the two indices above, which are not built."""
     counts_RE: object = None
     """When ``fused``: int64 ``[R*E]`` rows per (rank, local expert) on the device."""
     offsets_E: object = None
@@ -64,6 +61,12 @@ class PermuteIndices:
     """``R``."""
     num_local_experts: int = 0
     """``E``."""
+
+    @property
+    def fused(self) -> bool:
+        """The rows move with the platform's ``Kernels.permute_rows`` (block copies from the device counts), not
+        through the two indices, which are not built."""
+        return self.counts_RE is not None
 
 
 def aligned_counts(tokens_per_expert: Sequence[int], align: int) -> list[int]:
@@ -116,7 +119,7 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
     if T and p.kernels.use_fused_permute(counts_RE):
         offsets_E = p.tensor(offsets, dtype="int64", device=device)
         return PermuteIndices(source_row_P=None, slot_of_row_T=None, num_tokens_per_expert=tuple(per_expert),
-                              expert_offsets=tuple(offsets), num_rows=T, num_slots=P, fused=True,
+                              expert_offsets=tuple(offsets), num_rows=T, num_slots=P,
                               counts_RE=counts_RE.reshape(-1), offsets_E=offsets_E, num_ranks=R, num_local_experts=E)
     if p.kernels.host_index_build:
         source_np, slots_np = host_permute_indices(host_counts_RE, R, E, offsets, P)

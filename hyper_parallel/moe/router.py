@@ -119,6 +119,25 @@ class TokenChoiceTopKRouterMixin:
         logits_TE = get_platform().kernels.matmul(x_TD.float(), self.gate.float().mT)
         return logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
 
+    def choices(self, x_TD, expert_bias=None):
+        """``(scores_TE, choice_TE)``: the router's scores (:meth:`scores`) and what top-k picks the experts by (the
+        scores plus ``expert_bias``, limited to each token's best expert groups when groups are set).
+
+        Raises:
+            ValueError: ``x_TD`` is not ``[T, dim]`` or ``expert_bias`` is not ``[E]``.
+        """
+        scores_TE = self.scores(x_TD)
+        choice_TE = scores_TE
+        if expert_bias is not None:
+            if tuple(expert_bias.shape) != (self.num_experts,):
+                raise ValueError(f"TokenChoiceTopKRouter: expert_bias must have shape [{self.num_experts}], "
+                                 f"got {list(expert_bias.shape)}")
+            # aux-loss-free balancing: the bias moves WHICH experts win, never the weights they get
+            choice_TE = scores_TE + expert_bias.float()
+        if self.num_expert_groups is not None:
+            choice_TE = self._limit_to_groups(choice_TE)
+        return scores_TE, choice_TE
+
     def _limit_to_groups(self, choice_TE):
         """Mask (to -inf) the experts outside each token's best ``num_limited_groups`` groups."""
         p = get_platform()
@@ -151,16 +170,7 @@ class TokenChoiceTopKRouterMixin:
         """
         p = get_platform()
         i64 = p.dtype("int64")
-        scores_TE = self.scores(x_TD)
-        choice_TE = scores_TE
-        if expert_bias is not None:
-            if tuple(expert_bias.shape) != (self.num_experts,):
-                raise ValueError(f"TokenChoiceTopKRouter: expert_bias must have shape [{self.num_experts}], "
-                                 f"got {list(expert_bias.shape)}")
-            # aux-loss-free balancing: the bias moves WHICH experts win, never the weights they get
-            choice_TE = scores_TE + expert_bias.float()
-        if self.num_expert_groups is not None:
-            choice_TE = self._limit_to_groups(choice_TE)
+        scores_TE, choice_TE = self.choices(x_TD, expert_bias)
         selected_TK = choice_TE.topk(self.top_k)[1].to(i64)
         top_scores_TK = scores_TE.gather(1, selected_TK)
         if self.route_norm:

@@ -80,9 +80,14 @@ def clip_grads(grads: Sequence, params: Sequence, max_norm: float, norm_type: fl
 def _scaled(grads: Sequence, total, max_norm: float) -> tuple:
     coef = get_platform().tensor([float(max_norm)], dtype="float32").reshape(()) / (total + 1e-6)
     coef = (coef < 1.0) * coef + (coef >= 1.0) * 1.0
-    by_dtype: dict = {}  # the factor cast once per dtype, not once per gradient
-    return tuple(None if g is None else _times(g, by_dtype.get(g.dtype) if g.dtype in by_dtype
-                                               else by_dtype.setdefault(g.dtype, coef.to(g.dtype))) for g in grads)
+    cast: dict = {}  # the factor in each gradient dtype, cast once per dtype
+
+    def factor(dtype):
+        if dtype not in cast:
+            cast[dtype] = coef.to(dtype)
+        return cast[dtype]
+
+    return tuple(None if g is None else _times(g, factor(g.dtype)) for g in grads)
 
 
 def _times(g, coef):
