@@ -279,14 +279,14 @@ class Rendezvous:
                 "check that MASTER_ADDR names rank 0's host and is reachable from this host, and that MASTER_PORT "
                 "is free there") from e
 
-    def store_call(self, fn: Callable[[], Any]) -> Any:
+    def store_call(self, fn: Callable[[], Any], during: str = "start-up") -> Any:
         """Run one store operation; a failure (the store went away: rank 0 failed or exited) becomes a
         RuntimeError saying so."""
         try:
             return fn()
         except Exception as e:  # each framework raises its own store errors (re-raised, chained)
             raise RuntimeError(
-                f"rank {self.env.rank} lost the rendezvous store at {self.where} during start-up ({_first_line(e)}); "
+                f"rank {self.env.rank} lost the rendezvous store at {self.where} during {during} ({_first_line(e)}); "
                 "the store lives in rank 0: see rank 0's output for why it failed or exited") from e
 
     def join(self, store: Any) -> None:
@@ -312,13 +312,28 @@ class Rendezvous:
             count = int(self.store_call(lambda: store.add(f"{ns}/count", 0)))
             while len(seen) < count:  # a slot is written right after it is taken: this get waits microseconds
                 seen.append(json.loads(self.store_call(lambda: store.get(f"{ns}/{len(seen) + 1}"))))
-            self._check_arrivals(seen)
+            try:
+                self._check_arrivals(seen)
+            except ValueError:
+                self._told(store, f"{ns}/told", len(seen))
+                raise
             if {a["rank"] for a in seen} >= set(range(env.world_size)):
                 return
             if time.monotonic() > self.deadline:
                 raise RuntimeError(self._incomplete(seen))
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
+
+    def _told(self, store: Any, key: str, ranks: int) -> None:
+        """Count this rank among those told of a bad world; the store's host waits (5 s at most) until the ``ranks``
+        it saw were told too, so that they read the same error rather than a store gone away."""
+        try:
+            store.add(key, 1)
+            deadline = time.monotonic() + 5.0
+            while self.is_master and int(store.add(key, 0)) < ranks and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except Exception:  # noqa: BLE001 - the store went away: the error being raised says what matters
+            pass
 
     def barrier(self, store: Any, phase: str) -> None:
         """Wait, within the start-up timeout, until every rank has reached ``phase`` (after :meth:`join`).
@@ -329,13 +344,42 @@ class Rendezvous:
         Raises:
             RuntimeError: some rank did not reach ``phase`` in time (the message says how many did).
         """
+        self._count_in(store, phase, self.env.world_size, self.deadline, "start-up",
+                       f"the start-up timeout of {self.start_timeout_s:g} s")
+
+    def leave(self, store: Any) -> None:
+        """Line the ranks up on ``store`` before they tear the world down, within the process-group timeout.
+
+        A barrier through the store rather than a collective: after a collective, the rank that sent last may still
+        wait for its peers' acknowledgements, which a peer that tears down at once never sends (seen with mccl: the
+        sender waited out the whole collective timeout). Once every rank reached this point, every collective before
+        it has completed everywhere. The store's host (rank 0) then also waits until every other rank has seen the
+        world complete, so the store outlives every rank's last call to it.
+
+        Raises:
+            RuntimeError: some rank did not come within the process-group timeout (the message says how many did),
+                or the store went away.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        within = f"the process-group timeout of {self.timeout_s:g} s"
+        self._count_in(store, "leaving", self.env.world_size, deadline, "teardown", within)
+        if not self.is_master:
+            self.store_call(lambda: store.add(f"hyper_parallel/left/{self.namespace}", 1), "teardown")
+        elif self.env.world_size > 1:
+            self._count_in(store, "left", self.env.world_size - 1, deadline, "teardown", within, count_self=False)
+
+    def _count_in(self, store: Any, phase: str, expected: int, deadline: float, during: str, within: str,
+                  count_self: bool = True) -> None:
+        """Add this rank to ``phase``'s counter (unless ``count_self`` is false), then poll until it reaches
+        ``expected``; past ``deadline``, raise a RuntimeError naming the phase and how many ranks came."""
         key = f"hyper_parallel/{phase}/{self.namespace}"
-        self.store_call(lambda: store.add(key, 1))
+        if count_self:
+            self.store_call(lambda: store.add(key, 1), during)
         delay = 0.005
-        while (count := int(self.store_call(lambda: store.add(key, 0)))) < self.env.world_size:
-            if time.monotonic() > self.deadline:
-                raise RuntimeError(f"{count} of {self.env.world_size} ranks reached {phase!r} at {self.where} within "
-                                   f"the start-up timeout of {self.start_timeout_s:g} s; the others are stuck or gone")
+        while (count := int(self.store_call(lambda: store.add(key, 0), during))) < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} of {expected} ranks reached {phase!r} at {self.where} within {within}; "
+                                   "the others are stuck or gone")
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 

@@ -276,6 +276,7 @@ class MindSporePlatform(Platform):
             self._target = "CPU"
             mindspore.set_device("CPU")
         self._store = None
+        self._rendezvous: Rendezvous | None = None  # with the store: how the ranks line up to leave
         self._groups: set[str] = set()
         self.kernels = MindSporeKernels(self)
         # the index build from the host counts: two tensors instead of ~10 ops (repeat_interleave alone ~30 ms)
@@ -343,6 +344,7 @@ class MindSporePlatform(Platform):
                 # The barrier below is a collective, bounded by MS_CPU_COMM_OP_TIMEOUT; the init above takes longer
                 # on rank 0 (seen: > 3 s apart on a loaded machine), so the ranks line up on the store first.
                 rendezvous.barrier(self._store, "initialized")
+                self._rendezvous = rendezvous
         if management.get_rank() != env.rank:
             raise RuntimeError(f"MindSpore assigned rank {management.get_rank()} but the environment says {env.rank}")
         world = management.GlobalComm.WORLD_COMM_GROUP
@@ -387,7 +389,13 @@ class MindSporePlatform(Platform):
         global _WORLD_DESTROYED
         # Set first: even a destroy that fails half-way leaves a process that must not init again.
         _WORLD_DESTROYED = True
-        self._barrier(self._world)
+        if self._rendezvous is not None:
+            # Not a collective: mccl's last sender may still wait for an acknowledgement that a peer tearing down at
+            # once never sends (seen: 2 runs in 6 of a 4-rank example hung in this barrier's all_reduce until the
+            # collective timeout, the other ranks gone).
+            self._rendezvous.leave(self._store)
+        else:  # msrun: no store of ours
+            self._barrier(self._world)
         dist.destroy_process_group()
         self._groups.clear()
 

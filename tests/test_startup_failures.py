@@ -170,6 +170,40 @@ def test_join_reports_different_world_sizes_on_every_rank(monkeypatch):
                           f"(this process: RANK={rank}, WORLD_SIZE={world})")
 
 
+def test_the_store_host_lets_every_rank_read_a_bad_world_before_it_exits(monkeypatch):
+    # Rank 1 joins first and polls; rank 0, which hosts the store, joins with another WORLD_SIZE, sees the mismatch at
+    # once and exits, taking the store with it. Rank 1 must still be told the mismatch, not that the store went away.
+    monkeypatch.setenv(START_TIMEOUT_ENV_VAR, "10")
+
+    class HostedStore(_DictStore):
+        closed = False
+
+        def add(self, key: str, amount: int) -> int:
+            if self.closed:
+                raise ConnectionResetError("Connection reset by peer")
+            return super().add(key, amount)
+
+    store, errors = HostedStore(), {}
+
+    def run(rank: int, world: int, delay_s: float) -> None:
+        time.sleep(delay_s)
+        try:
+            Rendezvous(_env(rank, world, 1234), 300.0).join(store)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            errors[rank] = e
+        if rank == 0:
+            store.closed = True  # rank 0's process ends: its store goes with it
+
+    threads = [threading.Thread(target=run, args=(1, 3, 0.0)), threading.Thread(target=run, args=(0, 2, 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(errors) == [0, 1]
+    for e in errors.values():
+        assert isinstance(e, ValueError) and str(e).startswith("WORLD_SIZE differs between the ranks"), repr(e)
+
+
 def test_join_reports_a_rank_given_to_two_processes(monkeypatch):
     monkeypatch.setenv(START_TIMEOUT_ENV_VAR, "10")
     errors = _join_all([_env(0, 3, 1234), _env(1, 3, 1234), _env(1, 3, 1234)])
@@ -218,6 +252,35 @@ def test_barrier_waits_for_a_late_rank_and_names_the_phase_at_the_start_timeout(
         Rendezvous(_env(1, 3, 1234), 300.0).barrier(_DictStore(), "initialized")
     assert str(caught.value) == ("1 of 3 ranks reached 'initialized' at MASTER_ADDR=127.0.0.1 MASTER_PORT=1234 within "
                                  "the start-up timeout of 0.5 s; the others are stuck or gone")
+    assert 0.5 <= time.monotonic() - start < 0.5 + SLACK_S
+
+
+def test_leave_waits_for_a_late_rank_and_the_store_host_leaves_last(monkeypatch):
+    store, passed, left_when_host_returned = _DictStore(), [], []
+    left_key = f"hyper_parallel/left/{Rendezvous(_env(0, 3, 1234), 300.0).namespace}"
+
+    def leave(rank: int, delay_s: float) -> None:
+        time.sleep(delay_s)
+        Rendezvous(_env(rank, 3, 1234), 300.0).leave(store)
+        if rank == 0:
+            left_when_host_returned.append(store.add(left_key, 0))
+        passed.append((rank, time.monotonic()))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=leave, args=(r, d)) for r, d in ((0, 0.0), (1, 0.0), (2, 1.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r for r, _ in passed) == [0, 1, 2]
+    assert all(1.0 <= t - start < 1.0 + SLACK_S for _, t in passed)  # everyone waited for the late rank 2
+    assert left_when_host_returned == [2]  # rank 0, which hosts the store, returned after both others were done
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as caught:
+        Rendezvous(_env(1, 3, 1234), 0.5).leave(_DictStore())
+    assert str(caught.value) == ("1 of 3 ranks reached 'leaving' at MASTER_ADDR=127.0.0.1 MASTER_PORT=1234 within the "
+                                 "process-group timeout of 0.5 s; the others are stuck or gone")
     assert 0.5 <= time.monotonic() - start < 0.5 + SLACK_S
 
 
@@ -367,6 +430,15 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
+def _read_all(p: subprocess.Popen, timeout_s: float = 10.0) -> tuple[str, str]:
+    """What a finished process wrote to its pipes, read for ``timeout_s`` at most (a leftover child of the process
+    could hold them open forever)."""
+    try:
+        return p.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "", f"(its output pipes stayed open {timeout_s:g} s after it ended)"
+
+
 def _run_scenarios(backend: str, scenarios: dict[str, list[dict]], watch: dict[str, int]) -> dict[str, list[_Run]]:
     """Start every rank of every scenario at once; wait for all; return each scenario's runs in rank order.
 
@@ -379,23 +451,28 @@ def _run_scenarios(backend: str, scenarios: dict[str, list[dict]], watch: dict[s
                     for extra in ranks]
              for name, ranks in scenarios.items()}
     listening: dict[str, set[str]] = {name: set() for name in watch}
-    deadline = time.monotonic() + 150  # far beyond any scenario; the communicate() below then fails loudly
+    deadline = time.monotonic() + 150  # far beyond any scenario (each ends within 60 s even on a loaded host)
     try:
         while any(p.poll() is None for ps in procs.values() for p in ps) and time.monotonic() < deadline:
             for name, port in watch.items():
                 if procs[name][0].poll() is None:
                     listening[name] |= _listening(procs[name][0].pid, port)
             time.sleep(0.05)
-        runs = {}
-        for name, ps in procs.items():
-            runs[name] = []
-            for p in ps:
-                out, err = p.communicate(timeout=60)
-                runs[name].append(_Run(p.returncode, out, err, p.pid, listening.get(name, set())))
+        stuck = [(name, rank) for name, ps in procs.items() for rank, p in enumerate(ps) if p.poll() is None]
     finally:
         for ps in procs.values():
             for p in ps:
                 launch.stop_process_tree(p, grace_s=1.0)
+    runs = {}
+    for name, ps in procs.items():
+        runs[name] = []
+        for p in ps:
+            # The process is gone; a pipe some leftover still holds open must not hang the test (it is caught below).
+            out, err = _read_all(p)
+            runs[name].append(_Run(p.returncode, out, err, p.pid, listening.get(name, set())))
+    assert not stuck, "a start-up scenario did not end within 150 s:\n" + "\n".join(
+        f"{name} (process {rank}, {scenarios[name][rank]}):\n{runs[name][rank].stdout[-2000:]}"
+        f"{runs[name][rank].stderr[-4000:]}" for name, rank in stuck)
     # nothing any rank started outlives it (each rank leads its own process group)
     leftovers = {p.pid: _group_alive(p.pid) for ps in procs.values() for p in ps}
     assert not any(leftovers.values()), f"processes left behind: {leftovers}"
