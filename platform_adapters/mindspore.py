@@ -91,12 +91,15 @@ def _refuse_second_world() -> None:
 def _copy(x):
     """A new tensor (fresh storage, not a view) holding ``x``'s data, for the in-place collectives to write into.
 
-    ``clone`` has no CPU kernel, ``astype`` to the same dtype aliases, ``copy_`` from a view that starts at offset 0
-    without covering its storage (``x[:k]``) fails, and an in-place collective into a ``reshape`` view is lost (the
-    broadcast result never lands). A one-member concat is a fresh copy of any input of one dim or more."""
+    ``x * 1``: exact for every number (signed zeros, infinities, subnormals), and it keeps no memory, where
+    ``mint.cat`` and ``copy_`` keep about 0.65 KB per call for good on CPU (measured: 16 MiB over 25,600 one-tensor
+    concats); an emulated all-to-all copies once per peer plus its own rows. ``clone`` has no CPU kernel and
+    ``astype`` to the same dtype aliases. Booleans, which cannot be multiplied, take a one-member concat."""
+    if x.dtype != mindspore.bool_:
+        return x * 1
     if x.ndim:
         return mint.cat([x])
-    out = mint.empty((), dtype=x.dtype)
+    out = mint.empty((), dtype=x.dtype)  # not a reshape view: an in-place collective into one is lost
     out.copy_(mint.cat([x.reshape(1)]).reshape(()))
     return out
 
