@@ -59,6 +59,13 @@ except ImportError:  # Triton is not installed
 _log = logging.getLogger("hyper_parallel.platform_adapters.torch")  # under the library logger
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
+# gloo's all_reduce and all_gather take several rounds of messages where an all_to_all_single takes one; for small
+# tensors the rounds are the cost (measured on a 2-core CPU: all_reduce of 0.1-64 KB 1.2-1.7 ms at 2 ranks and 6.5-7.1
+# ms at 4, against 0.34-0.50 and 1.7-2.2 ms for one all_to_all_single of the tensor repeated to every member; an
+# all_gather 3.7-4.4 ms against 1.9-2.2 at 4 ranks). Up to this many bytes per member, gloo runs both as that
+# exchange; beyond it (512 KB: even; 4 MB: the ring wins) as themselves.
+_GLOO_EXCHANGE_MAX_BYTES = 64 * 1024
+
 # newer torch renames all_gather_into_tensor to all_gather_single (the old name warns on every call)
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -317,7 +324,25 @@ class TorchPlatform(Platform):
         collective(*args, **kwargs)
 
     # ------------------------------------------------------------------ collectives
+    def _small_on_gloo(self, x, group: Group) -> bool:
+        return self.dist_backend == "gloo" and group.size > 1 and \
+            x.numel() * x.element_size() <= _GLOO_EXCHANGE_MAX_BYTES
+
+    def _every_members(self, x, group: Group):
+        """``[group.size, *x.shape]``: every member's ``x`` in group-rank order, through one all_to_all_single."""
+        x = x.detach().contiguous()
+        out = x.new_empty((group.size, *x.shape))
+        self._issue(dist.all_to_all_single, out, x.expand(group.size, *x.shape).contiguous(), group=group.native)
+        return out
+
     def _all_reduce(self, x, op: str, group: Group):
+        if self._small_on_gloo(x, group):
+            # every member reduces the same rows in the same order: the same result everywhere
+            every = self._every_members(x, group)
+            if op == "max":
+                return every.amax(0)
+            total = every.sum(0, dtype=x.dtype)
+            return total.div_(group.size) if op == "avg" else total
         out = x.detach().clone()
         if op == "avg":
             # gloo has no AVG; sum then divide gives the same result on every backend.
@@ -327,6 +352,8 @@ class TorchPlatform(Platform):
         return out
 
     def _all_gather_into_tensor(self, x, group: Group):
+        if self._small_on_gloo(x, group):
+            return self._every_members(x, group).reshape(x.shape[0] * group.size, *x.shape[1:])
         x = x.detach().contiguous()
         out = x.new_empty((x.shape[0] * group.size, *x.shape[1:]))
         self._issue(_ALL_GATHER_SINGLE, out, x, group=group.native)
