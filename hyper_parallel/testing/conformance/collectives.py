@@ -152,6 +152,24 @@ def all_gather(dtype: str):
     return True
 
 
+def large_reduce_and_gather():
+    """``all_reduce`` (sum, max, avg) and ``all_gather_into_tensor`` of 256 KB per member, beyond the size an adapter
+    may handle another way (the torch adapter runs up to 64 KB on gloo as one all-to-all); integer values, so every
+    summation order gives the same result."""
+    p = _p()
+    rank, world = p.get_rank(), p.get_world_size()
+    n = 1 << 16  # float32: 256 KB
+    base = np.arange(n, dtype=np.float64) % 1000
+    x = p.tensor((base + rank).tolist(), dtype="float32")
+    total = world * base + sum(range(world))
+    assert p.tolist(p.all_reduce(x)) == total.tolist(), "sum"
+    assert p.tolist(p.all_reduce(x, op="max")) == (base + world - 1).tolist(), "max"
+    assert p.tolist(p.all_reduce(x, op="avg")) == (total / world).astype(np.float32).tolist(), "avg"
+    gathered = p.tolist(p.all_gather_into_tensor(x))
+    assert gathered == np.concatenate([base + r for r in range(world)]).tolist(), "all_gather_into_tensor"
+    return True
+
+
 def reduce_scatter(dtype: str):
     """``reduce_scatter_tensor`` with sum, max and (non-integer dtypes) avg: each rank keeps its two rows."""
     p = _p()

@@ -95,6 +95,7 @@ def conformance_cases() -> list[Case]:
     for member, fn in (("all_reduce", c.all_reduce), ("all_gather_into_tensor", c.all_gather),
                        ("reduce_scatter_tensor", c.reduce_scatter), ("broadcast", c.broadcast)):
         cases += [Case(f"{member}/{dtype}", fn, (dtype,)) for dtype in DTYPES]
+    cases.append(Case("large_reduce_and_gather", c.large_reduce_and_gather))
     cases += [Case(f"all_to_all_single/{pattern}/{dtype}", c.all_to_all, (pattern, dtype),
                    check=functools.partial(_check_rows_received, pattern))
               for pattern in c.SPLIT_PATTERNS for dtype in DTYPES]
