@@ -435,23 +435,25 @@ def test_permute_rows_kernel_under_the_interpreter():
 
 
 def test_the_torchtitan_comparison_runs_both_pipelines_to_the_same_numbers(tmp_path):
-    """benchmarks/gpu_vs_torchtitan.py at its smoke size on 2 CPU ranks: both pipelines (ours and torchtitan
-    0.3.0's dispatcher) match the fp32 reference, outputs and every gradient, and each step is timed both ways."""
+    """benchmarks/gpu_side_by_side.py at its smoke size on 2 CPU ranks: both pipelines (ours and torchtitan
+    0.3.0's dispatcher; Megatron-Core does not import on this Python) match the fp32 reference, outputs and every
+    gradient, and each step is timed both ways."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "HYPER_PARALLEL_PLATFORM": "torch", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "hyper_parallel.launch", "--nproc", "2", "--timeout", "240",
-                          "benchmarks/gpu_vs_torchtitan.py", "--shapes", "tiny", "--iters", "2", "--warmup", "1",
+                          "benchmarks/gpu_side_by_side.py", "--shapes", "tiny", "--iters", "2", "--warmup", "1",
                           "--layer-iters", "1", "--rounds", "1", "--out", str(tmp_path)],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import json
 
-    result = json.loads((tmp_path / "gpu_vs_torchtitan_tiny.json").read_text())
+    result = json.loads((tmp_path / "gpu_side_by_side_tiny.json").read_text())
     checks = result["checks"]
     for label in ("ours", "torchtitan"):
         for what in ("out", "dx", "dw1", "dw2", "dw3"):
             assert 0 < checks[f"{label}_bf16_vs_fp32_{what}_rel_err"] < 0.01, checks  # bf16 rounding, not a bug
     assert checks["token_path_ours_vs_torchtitan_rel_err"] < 0.01
+    assert result["pipelines"] == ["ours", "torchtitan"] and "megatron_left_out" in result
     assert sorted(result["times"]) == ["layer_fwd_bwd_ours", "layer_fwd_bwd_torchtitan", "token_path_fwd_ours",
                                        "token_path_fwd_torchtitan"]
     assert all(len(v) == 1 and v[0] > 0 for v in result["times"].values())
