@@ -25,12 +25,13 @@ def test_case(worlds, backend, nproc, case):
 def test_the_suite_covers_every_collective_dtype_and_split_pattern():
     """The list both entries run: what each member is checked with, and at which world sizes."""
     names = [case.name for case in CASES]
-    assert len(names) == len(set(names)) == 43
+    assert len(names) == len(set(names)) == 44
     for member in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
         assert [n for n in names if n.startswith(member + "/")] == [f"{member}/{d}" for d in ("int64", "float32",
                                                                                               "bfloat16")]
     assert sum(n.startswith("all_to_all_single/") for n in names) == 4 * 3
     assert {n: c.world_sizes for n, c in zip(names, CASES) if c.world_sizes} == {
         "mesh_groups_2x2": (4,), "not_a_member": (3, 4)}
-    assert {"local/modules", "local/autograd_function", "local/kernels", "local/host_and_state"} <= set(names)
-    assert [sum(c.runs_at(n) for c in CASES) for n in WORLD_SIZES] == [41, 42, 43]
+    assert {"local/modules", "local/autograd_function", "local/kernels", "local/host_and_state",
+            "large_reduce_and_gather"} <= set(names)
+    assert [sum(c.runs_at(n) for c in CASES) for n in WORLD_SIZES] == [42, 43, 44]

@@ -106,7 +106,7 @@ def test_conftest_accepts_a_registered_backend(env):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     ids = re.findall(r"::test_case\[(\w+)-x(\d)-", out.stdout)
-    assert len(ids) == sum(c.runs_at(2) + c.runs_at(4) for c in conformance_cases()) == 84
+    assert len(ids) == sum(c.runs_at(2) + c.runs_at(4) for c in conformance_cases()) == 86
     assert {backend for backend, _ in ids} == {"toy_torch"}
     out = subprocess.run(collect, env={**env, "HYPER_PARALLEL_TEST_BACKENDS": "toy_torch,nonsense"}, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
