@@ -362,19 +362,18 @@ class Rendezvous:
         """
         deadline = time.monotonic() + self.timeout_s
         within = f"the process-group timeout of {self.timeout_s:g} s"
-        self._count_in(store, "leaving", self.env.world_size, deadline, "teardown", within)
-        if not self.is_master:
+        world = self.env.world_size
+        self._count_in(store, "leaving", world, deadline, "teardown", within)
+        if self.is_master:
+            self._count_in(store, "left", world, deadline, "teardown", within)
+        else:
             self.store_call(lambda: store.add(f"hyper_parallel/left/{self.namespace}", 1), "teardown")
-        elif self.env.world_size > 1:
-            self._count_in(store, "left", self.env.world_size - 1, deadline, "teardown", within, count_self=False)
 
-    def _count_in(self, store: Any, phase: str, expected: int, deadline: float, during: str, within: str,
-                  count_self: bool = True) -> None:
-        """Add this rank to ``phase``'s counter (unless ``count_self`` is false), then poll until it reaches
-        ``expected``; past ``deadline``, raise a RuntimeError naming the phase and how many ranks came."""
+    def _count_in(self, store: Any, phase: str, expected: int, deadline: float, during: str, within: str) -> None:
+        """Add this rank to ``phase``'s counter, then poll until it reaches ``expected``; past ``deadline``, raise a
+        RuntimeError naming the phase and how many ranks came."""
         key = f"hyper_parallel/{phase}/{self.namespace}"
-        if count_self:
-            self.store_call(lambda: store.add(key, 1), during)
+        self.store_call(lambda: store.add(key, 1), during)
         delay = 0.005
         while (count := int(self.store_call(lambda: store.add(key, 0), during))) < expected:
             if time.monotonic() > deadline:
