@@ -15,8 +15,8 @@ their scores) and the same local expert weights, and return the tokens' outputs 
   permutation, which needs Transformer Engine), around the same experts as ours, the scores applied to the expert
   outputs as Megatron's experts do; its routing map and probabilities (its router's output form) are built once,
   outside the timings;
-* ours: ``TokenReorderer``, the pairs' rows, ``token_dispatch``, ``swiglu_experts``, ``token_combine``,
-  ``Kernels.combine_pairs``.
+* ours: ``TokenReorderer``, ``Kernels.gather_pairs``, ``token_dispatch``, ``swiglu_experts``, ``token_combine``,
+  ``Kernels.combine_pairs`` (the pair kernels fused on CUDA; ``--pairs-impl reference`` for the neutral ones).
 
 Correctness first: each pipeline's output and gradients (tokens and the three weights) against an fp32 run of the
 same math (ours, in fp32); then, alternating the two pipelines, the token path alone (experts replaced by the
@@ -72,7 +72,7 @@ class Ours:
     def __call__(self, x_TD, scores_TK, ids_TK):
         p, K = get_platform(), self.shape.top_k
         scores_N, pairs_N, counts_G = self.reorderer(scores_TK, ids_TK)
-        d = token_dispatch(x_TD[pairs_N // K], counts_G, self.group, num_experts=self.shape.experts)
+        d = token_dispatch(p.kernels.gather_pairs(x_TD, pairs_N, K), counts_G, self.group, num_experts=self.shape.experts)
         back_ND = token_combine(self.experts(d.routed_input, d.num_tokens_per_expert), d.meta)
         return p.kernels.combine_pairs(back_ND, scores_N, pairs_N, x_TD.shape[0], K)
 
@@ -181,13 +181,17 @@ def run_shape(name: str, shape, p, mesh, titan_mesh, megatron, clock, args) -> d
                 m.prepare(scores, ids)
             pipelines["megatron"] = (layer, tokens, ws16)
 
-    result = {"shape": name, "world": world, "pipelines": list(pipelines), "checks": {}, "times": {}}
+    result = {"shape": name, "world": world, "pipelines": list(pipelines), "pairs_impl": p.kernels.pairs_impl,
+              "checks": {}, "times": {}}
     if isinstance(megatron, str):
         result["megatron_left_out"] = megatron
     # correctness, one pipeline at a time (a DeepSeek set of weights and gradients in fp32 is 45 GB per GPU)
+    # (through the neutral pair references, so a fused pair kernel is checked against them)
     ws_ref = [w.detach().float().requires_grad_() for w in ws16]
+    impl, p.kernels.pairs_impl = p.kernels.pairs_impl, "reference"
     want = fwd_bwd(Ours(shape, group, lambda rows, counts: swiglu_experts(rows, counts, *ws_ref)),
                    x16.float(), scores, ids, gy16.float(), ws_ref)
+    p.kernels.pairs_impl = impl
     del ws_ref
     for label, (fn, _, params) in pipelines.items():
         got = fwd_bwd(fn, x16, scores, ids, gy16, params)
@@ -247,8 +251,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the pipelines")
     ap.add_argument("--out", default=None, help="directory for gpu_side_by_side_<shape>.json")
+    ap.add_argument("--pairs-impl", default="auto", choices=["auto", "reference"],
+                    help="our gather_pairs / combine_pairs: the fused kernels on CUDA (auto) or the references")
     args = ap.parse_args(argv)
     p = get_platform()
+    p.kernels.pairs_impl = args.pairs_impl
     p.init_process_group()
     gpu_ep.DEV = p.device
     set_spmd_backend("partial_dtensor")  # torchtitan's plain-collective path (no spmd_types mesh context)

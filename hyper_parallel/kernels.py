@@ -99,6 +99,18 @@ class Kernels:
             - src_start_RE.repeat_interleave(counts_RE, 0)
         return dst_start_RE.repeat_interleave(counts_RE, 0) + offset_in_block_T
 
+    def gather_pairs(self, x_TD, pairs_N, top_k: int):
+        """The row of every (token, choice) pair: ``x_TD[pairs_N // top_k]``, ``[N, D]``; the first step of the
+        routed experts, whose gradient is each token's sum over its pairs (autograd's accumulating scatter here; a
+        fused kernel gathers it per token, the backward twin of :meth:`combine_pairs`).
+
+        Args:
+            x_TD: ``[T, D]`` tokens.
+            pairs_N: int64 ``[N]`` unique flat pair indices ``token * top_k + choice``, N > 0.
+            top_k: K.
+        """
+        return x_TD[pairs_N // top_k]
+
     def combine_pairs(self, rows_ND, scores_N, pairs_N, num_tokens: int, top_k: int):
         """Every token's output: the sum over its kept (token, choice) pairs of ``score * row``; ``[T, D]`` in the
         rows' dtype.

@@ -219,6 +219,138 @@ if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it unde
         return y
 
 
+# ---------------------------------------------------------------------- pairs: the top-k gather and weighted sum
+
+#: Implementations ``TorchKernels.pairs_impl`` may name: ``"auto"`` (Triton on CUDA tensors, the neutral reference
+#: elsewhere), ``"triton"`` (forced; under ``TRITON_INTERPRET=1`` on CPU tensors too) or ``"reference"``.
+PAIRS_IMPLS = ("auto", "triton", "reference")
+
+#: Columns per program of the pair kernels (one program per token or pair and column block; 4 warps).
+PAIRS_BLOCK_D = 1024
+
+
+def pair_inverse(pairs_N, num_tokens: int, top_k: int):
+    """int64 ``[T*K]``: for every flat (token, choice) the row of ``pairs_N`` that holds it, ``-1`` where the pair
+    was not kept. ``pairs_N`` are unique flat indices ``token * top_k + choice``."""
+    inv = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=pairs_N.device)
+    inv[pairs_N] = torch.arange(pairs_N.shape[0], dtype=torch.int64, device=pairs_N.device)
+    return inv
+
+
+if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it under TRITON_INTERPRET=1
+
+    @triton.jit
+    def _sum_pairs_kernel(rows_ptr, scores_ptr, inv_ptr, out_ptr, D, TOP_K: tl.constexpr, HAS_SCORES: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        # Program (token t, column block): out[t] = sum over the kept pairs j = inv[t*K + k] of score[j] * rows[j],
+        # accumulated in float32, one rounding to the output's dtype. Reads each kept row once, writes [T, D] once.
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        inside = c < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            j = tl.load(inv_ptr + t * TOP_K + k)
+            kept = j >= 0
+            row = tl.load(rows_ptr + j * D + c, mask=inside & kept, other=0.0).to(tl.float32)
+            if HAS_SCORES:
+                row = row * tl.load(scores_ptr + j, mask=kept, other=0.0).to(tl.float32)
+            acc += row
+        tl.store(out_ptr + t * D + c, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _pairs_backward_kernel(grad_ptr, rows_ptr, scores_ptr, pairs_ptr, grad_rows_ptr, grad_scores_ptr, D,
+                               TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, NEED_ROWS: tl.constexpr,
+                               NEED_SCORES: tl.constexpr):
+        # Program per pair j of token t = pairs[j] // K: grad_rows[j] = score[j] * grad[t] (a gather, no scatter)
+        # and grad_scores[j] = <grad[t], rows[j]>, both in float32 before the one rounding.
+        j = tl.program_id(0).to(tl.int64)
+        t = tl.load(pairs_ptr + j) // TOP_K
+        score = tl.load(scores_ptr + j).to(tl.float32)
+        cols = tl.arange(0, BLOCK_D)
+        dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            inside = c < D
+            g = tl.load(grad_ptr + t * D + c, mask=inside, other=0.0).to(tl.float32)
+            if NEED_ROWS:
+                tl.store(grad_rows_ptr + j * D + c, (g * score).to(grad_rows_ptr.dtype.element_ty), mask=inside)
+            if NEED_SCORES:
+                dot += g * tl.load(rows_ptr + j * D + c, mask=inside, other=0.0).to(tl.float32)
+        if NEED_SCORES:
+            tl.store(grad_scores_ptr + j, tl.sum(dot, axis=0).to(grad_scores_ptr.dtype.element_ty))
+
+    def _device_of(x):
+        return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+    def sum_pairs_triton(rows_ND, scores_N, inv, num_tokens: int, top_k: int, dtype):
+        """``[T, D]`` of ``dtype``: each token's sum over its kept pairs of ``score * row`` (``scores_N`` None:
+        weight 1), float32 inside."""
+        D = rows_ND.shape[1]
+        out = torch.empty((num_tokens, D), dtype=dtype, device=rows_ND.device)
+        block = min(PAIRS_BLOCK_D, triton.next_power_of_2(max(D, 1)))
+        if num_tokens:
+            with _device_of(rows_ND):
+                _sum_pairs_kernel[(num_tokens, triton.cdiv(D, block))](
+                    rows_ND, rows_ND if scores_N is None else scores_N, inv, out, D, TOP_K=top_k,
+                    HAS_SCORES=scores_N is not None, BLOCK_D=block, num_warps=4)
+        return out
+
+    class _CombinePairs(torch.autograd.Function):
+        """``Kernels.combine_pairs`` in one pass forward and one backward (a gather per pair instead of autograd's
+        scatter, the scores' gradient a row dot product in the same pass)."""
+
+        @staticmethod
+        def forward(ctx, rows_ND, scores_N, pairs_N, num_tokens: int, top_k: int):
+            rows_ND, scores_N, pairs_N = rows_ND.contiguous(), scores_N.contiguous(), pairs_N.contiguous()
+            ctx.save_for_backward(rows_ND, scores_N, pairs_N)
+            ctx.top_k = top_k
+            return sum_pairs_triton(rows_ND, scores_N, pair_inverse(pairs_N, num_tokens, top_k), num_tokens, top_k,
+                                    rows_ND.dtype)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_TD):
+            rows_ND, scores_N, pairs_N = ctx.saved_tensors
+            need_rows, need_scores = ctx.needs_input_grad[:2]
+            N, D = rows_ND.shape
+            grad_rows = torch.empty_like(rows_ND) if need_rows else None
+            grad_scores = torch.empty_like(scores_N) if need_scores else None
+            if N and (need_rows or need_scores):
+                with _device_of(rows_ND):
+                    _pairs_backward_kernel[(N,)](
+                        grad_TD.contiguous(), rows_ND, scores_N, pairs_N,
+                        rows_ND if grad_rows is None else grad_rows, scores_N if grad_scores is None else grad_scores,
+                        D, TOP_K=ctx.top_k, BLOCK_D=min(PAIRS_BLOCK_D, triton.next_power_of_2(max(D, 1))),
+                        NEED_ROWS=need_rows, NEED_SCORES=need_scores, num_warps=4)
+            return grad_rows, grad_scores, None, None, None
+
+    class _GatherPairs(torch.autograd.Function):
+        """``x_TD[pairs_N // top_k]``, its backward each token's sum over its pairs' gradients (the sum kernel,
+        weight 1) instead of autograd's accumulating scatter of ``top_k`` rows into each token."""
+
+        @staticmethod
+        def forward(ctx, x_TD, pairs_N, top_k: int):
+            ctx.save_for_backward(pairs_N)
+            ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+            return x_TD[pairs_N // top_k]
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_ND):
+            (pairs_N,) = ctx.saved_tensors
+            T, K = ctx.num_tokens, ctx.top_k
+            grad_ND = grad_ND.contiguous()
+            return sum_pairs_triton(grad_ND, None, pair_inverse(pairs_N, T, K), T, K, grad_ND.dtype), None, None
+
+    def combine_pairs_triton(rows_ND, scores_N, pairs_N, num_tokens: int, top_k: int):
+        """``Kernels.combine_pairs`` with the Triton kernels (rows ``[N, D]``, N > 0)."""
+        return _CombinePairs.apply(rows_ND, scores_N, pairs_N, num_tokens, top_k)
+
+    def gather_pairs_triton(x_TD, pairs_N, top_k: int):
+        """``Kernels.gather_pairs`` with the Triton sum as its backward (``x_TD`` 2-D)."""
+        return _GatherPairs.apply(x_TD, pairs_N, top_k)
+
+
 def choose_permute_impl(requested: str, device_type: str, *, triton_usable: bool, capturing: bool,
                         broken: frozenset = frozenset()) -> str:
     """The index build :meth:`TorchPlatform.permute_slots` runs.

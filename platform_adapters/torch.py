@@ -34,6 +34,7 @@ import torch.distributed as dist
 from hyper_parallel.kernels import Kernels
 from hyper_parallel.platform import DTYPE_NAMES, Group, Platform, Rendezvous, WorldEnv
 from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests and benchmarks reach them here
+    PAIRS_IMPLS,
     PERMUTE_ROWS_IMPLS,
     PERMUTE_SLOTS_IMPLS,
     PINNED_COPY_MAX_BYTES,
@@ -52,7 +53,12 @@ from platform_adapters._torch_cuda import (  # noqa: F401 - re-exported: tests a
 )
 
 try:
-    from platform_adapters._torch_cuda import permute_rows_triton, permute_slots_triton
+    from platform_adapters._torch_cuda import (
+        combine_pairs_triton,
+        gather_pairs_triton,
+        permute_rows_triton,
+        permute_slots_triton,
+    )
 except ImportError:  # Triton is not installed
     pass
 
@@ -93,6 +99,9 @@ class TorchKernels(Kernels):
     permute_slots_impl = "auto"
     #: How dispatch moves its rows (see ``PERMUTE_ROWS_IMPLS``): ``"auto"``, ``"triton"`` or ``"gather"``.
     permute_rows_impl = "auto"
+    #: How :meth:`gather_pairs` (its backward) and :meth:`combine_pairs` run (see ``PAIRS_IMPLS``): ``"auto"``,
+    #: ``"triton"`` or ``"reference"``.
+    pairs_impl = "auto"
 
     def __init__(self, platform) -> None:
         super().__init__(platform)
@@ -119,31 +128,62 @@ class TorchKernels(Kernels):
         self._host_index_build = bool(value)
 
     def use_fused_permute(self, counts_RE) -> bool:
-        impl = self.permute_rows_impl
-        if impl not in PERMUTE_ROWS_IMPLS:
-            raise ValueError(f"permute_rows_impl must be one of {list(PERMUTE_ROWS_IMPLS)}, got {impl!r}")
-        if impl != "auto":
-            return impl == "triton"
-        return counts_RE.is_cuda and triton is not None and "permute_rows" not in self._broken_impls
+        return self._triton_for("permute_rows", self.permute_rows_impl, counts_RE)
 
     def permute_rows(self, x, counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E, num_rows: int,
                      num_slots: int, to_expert_major: bool):
         args = (x, counts_RE, num_ranks, num_local_experts, expert_offsets_E, num_rows, num_slots, to_expert_major)
-        if self.permute_rows_impl == "triton" and triton is None:
-            raise RuntimeError("permute_rows_impl='triton' needs the triton package, which does not import")
-        if triton is None or not (x.is_cuda or self.permute_rows_impl == "triton"):
+        if not self._triton_for("permute_rows", self.permute_rows_impl, x):
             return super().permute_rows(*args)
+        return self._fast_or_reference("permute_rows", self.permute_rows_impl, "the rows move through an index",
+                                       lambda: permute_rows_triton(*args), lambda: super().permute_rows(*args))
+
+    def gather_pairs(self, x_TD, pairs_N, top_k: int):
+        if x_TD.dim() != 2 or not self._triton_for("pairs", self.pairs_impl, x_TD):
+            return super().gather_pairs(x_TD, pairs_N, top_k)
+        return self._fast_or_reference("pairs", self.pairs_impl, "the pairs go through autograd's scatter",
+                                       lambda: gather_pairs_triton(x_TD, pairs_N, top_k),
+                                       lambda: super(TorchKernels, self).gather_pairs(x_TD, pairs_N, top_k))
+
+    def combine_pairs(self, rows_ND, scores_N, pairs_N, num_tokens: int, top_k: int):
+        args = (rows_ND, scores_N, pairs_N, num_tokens, top_k)
+        if rows_ND.dim() != 2 or rows_ND.shape[0] == 0 or not self._triton_for("pairs", self.pairs_impl, rows_ND):
+            return super().combine_pairs(*args)
+        return self._fast_or_reference("pairs", self.pairs_impl, "the pairs go through autograd's scatter",
+                                       lambda: combine_pairs_triton(*args),
+                                       lambda: super(TorchKernels, self).combine_pairs(*args))
+
+    def _triton_for(self, name: str, impl: str, x) -> bool:
+        """Whether kernel ``name`` (its ``*_impl`` setting ``impl``) runs its Triton version on ``x``: forced, or
+        ``"auto"`` on a CUDA tensor while it has not failed in this process.
+
+        Raises:
+            ValueError: ``impl`` is not one of the kernel's settings.
+            RuntimeError: Triton is forced but does not import.
+        """
+        allowed = PERMUTE_ROWS_IMPLS if name == "permute_rows" else PAIRS_IMPLS
+        if impl not in allowed:
+            raise ValueError(f"{name}_impl must be one of {list(allowed)}, got {impl!r}")
+        if impl == "triton" and triton is None:
+            raise RuntimeError(f"{name}_impl='triton' needs the triton package, which does not import")
+        if impl != "auto":
+            return impl == "triton"
+        return x.is_cuda and triton is not None and name not in self._broken_impls
+
+    def _fast_or_reference(self, name: str, impl: str, instead: str, fast: Callable, reference: Callable):
+        """``fast()``; when it raises and the kernel was not forced, a warning, the reference, and the reference
+        for the rest of this process."""
         try:
-            return permute_rows_triton(*args)
+            return fast()
         except Exception as e:
-            if self.permute_rows_impl == "triton":
+            if impl == "triton":
                 raise
-            message = (f"permute_rows: the Triton block copy failed ({type(e).__name__}: {e}); the rows move through "
-                       "an index for the rest of this process")
+            message = (f"{name}: the Triton kernel failed ({type(e).__name__}: {e}); {instead} for the rest of this "
+                       "process")
             _log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            self._broken_impls = self._broken_impls | {"permute_rows"}
-            return super().permute_rows(*args)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self._broken_impls = self._broken_impls | {name}
+            return reference()
 
     def swiglu(self, h, g):
         # on CUDA one fused silu kernel instead of a sigmoid and two multiplies, each a pass over [N, H] (and

@@ -457,3 +457,80 @@ def test_the_torchtitan_comparison_runs_both_pipelines_to_the_same_numbers(tmp_p
     assert sorted(result["times"]) == ["layer_fwd_bwd_ours", "layer_fwd_bwd_torchtitan", "token_path_fwd_ours",
                                        "token_path_fwd_torchtitan"]
     assert all(len(v) == 1 and v[0] > 0 for v in result["times"].values())
+
+
+# ---------------------------------------------------------------------- gather_pairs / combine_pairs (the pair kernels)
+def test_pairs_impl_choice():
+    kernels = adapter.TorchPlatform().kernels
+    x = torch.ones(3, 2)
+    assert kernels._triton_for("pairs", kernels.pairs_impl, x) is False  # "auto" on a CPU tensor: the reference
+    kernels.pairs_impl = "scatter"
+    with pytest.raises(ValueError, match=r"pairs_impl must be one of \['auto', 'triton', 'reference'\], got "
+                                         r"'scatter'"):
+        kernels.combine_pairs(x, torch.ones(3), torch.arange(3), 3, 1)
+
+
+def test_pair_kernels_under_the_interpreter():
+    """The Triton pair kernels (``gather_pairs``' backward and ``combine_pairs`` forward and backward) on CPU tensors
+    under ``TRITON_INTERPRET=1`` against the neutral references, values and every gradient, float32 and bf16: tokens
+    with no kept pair, one choice (K=1), rows wider than one column block; then forced through the platform
+    (``pairs_impl="triton"``) in a whole MoE layer against the same layer on the references. In a subprocess, as the
+    index-build kernel's test above says why."""
+    if importlib.util.find_spec("triton") is None:
+        if TRITON_HAS_WHEELS:
+            pytest.fail("triton is not installed, but it is a test dependency on this platform")
+        pytest.skip(f"Triton publishes no wheel for {sys.platform} {platform.machine()}")
+    script = textwrap.dedent("""
+        import os, torch
+        assert os.environ["TRITON_INTERPRET"] == "1"
+        from hyper_parallel import get_platform
+        from hyper_parallel.kernels import Kernels
+        from hyper_parallel.moe import MoE
+        from platform_adapters import torch as adapter
+        reference = Kernels(adapter.TorchPlatform())
+        torch.manual_seed(0)
+
+        def run(fn, x, scores, pairs, T, K):
+            x, scores = x.clone().requires_grad_(), scores.clone().requires_grad_()
+            rows = fn.gather_pairs(x, pairs, K) * 1.5  # a non-trivial gradient into the gather
+            out = fn.combine_pairs(rows, scores, pairs, T, K)
+            (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            return rows, out, x.grad, scores.grad
+
+        checked = 0
+        for T, K, D, keep in ((7, 2, 5, 0.7), (9, 1, 33, 0.5), (6, 4, 1100, 0.8), (4, 3, 16, 1.0)):
+            for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -5)):
+                pairs = torch.nonzero(torch.rand(T * K) < keep).reshape(-1)
+                pairs = pairs[torch.randperm(len(pairs))]  # any order: the reorderer's is by expert
+                x = torch.randn(T, D).to(dtype)
+                scores = torch.rand(len(pairs))
+                fast = adapter.TorchPlatform().kernels
+                fast.pairs_impl = "triton"  # forced: no fallback can hide a failing kernel
+                got, want = run(fast, x, scores, pairs, T, K), run(reference, x, scores, pairs, T, K)
+                exact = run(reference, x.double(), scores.double(), pairs, T, K)
+                for name, g, w, e in zip(("rows", "out", "x.grad", "scores.grad"), got, want, exact):
+                    assert g.dtype == w.dtype and g.shape == w.shape, (name, g.dtype, w.dtype)
+                    err = (g.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+                    # float32 catches any wrong index or weight; bf16 checks the casts (x.grad is rounded to bf16
+                    # three times on its way, and the interpreter rounds toward zero where a GPU rounds to nearest)
+                    assert err <= tol, (T, K, D, dtype, name, err)
+                checked += 1
+        kernels = get_platform().kernels
+        results = []
+        for impl in ("reference", "triton"):
+            kernels.pairs_impl = impl
+            moe = MoE(dim=16, hidden_dim=24, num_experts=6, top_k=2, num_shared_experts=1, capacity_factor=1.0,
+                      init_std=0.3, seed=0)
+            x = torch.randn(20, 16, generator=torch.Generator().manual_seed(3)).requires_grad_()
+            moe(x).square().sum().backward()
+            results.append([moe(x).detach(), x.grad] + [q.grad for q in moe.parameters() if q.grad is not None])
+        assert len(results[1]) >= 5
+        for g, w in zip(*results):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), (g - w).abs().max()
+        print(f"interpreted pair kernels match the references in {checked + 1} cases")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", HYPER_PARALLEL_PLATFORM="torch")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "interpreted pair kernels match the references in 9 cases" in out.stdout, out.stdout + out.stderr[-3000:]

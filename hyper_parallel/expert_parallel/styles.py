@@ -204,7 +204,8 @@ class BaseExpertParallel(ParallelStyle, abc.ABC):
                              f"{list(weights_TK.shape)}")
         T, K = int(index_TK.shape[0]), int(index_TK.shape[1])
         order_N, counts_G, sorted_ids_N = _sort_pairs(index_TK, num_experts)
-        rows = hidden[order_N // K] if T else zeros_connected(hidden, (0, int(hidden.shape[1])))
+        rows = get_platform().kernels.gather_pairs(hidden, order_N, K) if T \
+            else zeros_connected(hidden, (0, int(hidden.shape[1])))
         routed, _, meta, host = self._hook_dispatch(rows, counts_G, device_mesh, num_experts)
         ids_P = sorted_ids_N if host is None else _expert_of_row(host, routed)
         call = _Call(meta=meta, expert_of_row=ids_P,

@@ -146,7 +146,8 @@ class MoEMixin:
         if not recomputing:
             self.routing_stats = RoutingStats(num_tokens_per_expert=num_tokens_per_expert_E,
                                               num_kept_per_expert=counts_E, num_dropped=routed_T * self.top_k - N)
-        routed_ND = x_routed_TD[pairs_N // self.top_k] if N else zeros_connected(x_routed_TD, (0, self.dim))
+        routed_ND = p.kernels.gather_pairs(x_routed_TD, pairs_N, self.top_k) if N \
+            else zeros_connected(x_routed_TD, (0, self.dim))
         routed_ND, shared_TD = self._experts(routed_ND, counts_E, x_TD)
         with p.profile_range("hyper_parallel.moe.combine_weighted"):
             out_TD = p.kernels.combine_pairs(routed_ND, scores_N, pairs_N, T, self.top_k)
