@@ -26,6 +26,9 @@ layer); the checks always run.
 
 Rank 0 prints the tables last and writes every number to ``$OUT/gpu_ep_w<N>.json`` (``gpu_etp_w<N>_ep<E>tp<T>.json``
 for ETP; a ``_<parts>`` suffix when not all parts ran) under ``--out`` or ``$OUT`` or ``.``.
+
+The shapes, the device and the measuring (``Clock``, ``rel_err``, ...) are in ``gpu_common.py``, shared with the other
+GPU benchmarks; the tables are built and printed by ``gpu_ep_report.py``.
 """
 
 from __future__ import annotations
@@ -35,157 +38,27 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
-import traceback
-import warnings
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 os.environ.setdefault("HYPER_PARALLEL_PLATFORM", "torch")
 
+import gpu_common as common  # noqa: E402  (the device lives here: read and set as common.DEV, never copied)
+import seed_reference as seed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from gpu_common import BF16, SHAPES, Clock, Shape, back_to_back, guarded, rel_err, release, syncs_of  # noqa: E402
+from gpu_ep_report import BANDWIDTH, bandwidth_rows, print_table, summary_rows  # noqa: E402
 
-import seed_reference as seed  # noqa: E402
 from hyper_parallel import ExpertParallel, get_platform, init_device_mesh  # noqa: E402
 from hyper_parallel.expert_parallel import ExpertTensorParallel  # noqa: E402
 from hyper_parallel.expert_parallel.dispatch import token_combine, token_dispatch  # noqa: E402
-from hyper_parallel.kernels import Kernels  # noqa: E402
 from hyper_parallel.expert_parallel.permute import build_permute_indices, permute, unpermute  # noqa: E402
+from hyper_parallel.kernels import Kernels  # noqa: E402
 from hyper_parallel.moe.experts import swiglu_experts  # noqa: E402
 from hyper_parallel.moe.torch import GroupedExperts  # noqa: E402
 from platform_adapters import torch as adapter  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    dim: int
-    hidden: int
-    experts: int
-    top_k: int
-    tokens: int
-
-
-SHAPES = {"deepseek": Shape(dim=7168, hidden=2048, experts=256, top_k=8, tokens=4096),
-          "qwen": Shape(dim=2048, hidden=768, experts=128, top_k=8, tokens=4096),
-          "tiny": Shape(dim=64, hidden=32, experts=16, top_k=4, tokens=64)}  # a smoke run of the script (CPU too)
-BF16 = torch.bfloat16
-DEV = torch.device("cuda")  # the process's device, set in main (CPU under gloo for a smoke run)
-
-
-def sync() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def release() -> None:
-    """Give cached blocks back between phases (outside timed regions: a fresh cudaMalloc would stall one)."""
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------- measuring
-def rel_err(got, want) -> float:
-    """``||got - want|| / ||want||`` in float64, in slices (weights do not fit in float64 at once); NaN -> inf."""
-    num = den = 0.0
-    rows = max(1, (1 << 25) // max(1, want[0].numel())) if want.dim() else 1
-    for g, w in zip(got.detach().reshape(want.shape).split(rows), want.detach().split(rows)):
-        g, w = g.double(), w.double()
-        num += float((g - w).square().sum())
-        den += float(w.square().sum())
-    err = (num ** 0.5) / max(den ** 0.5, 1e-300)
-    return err if err == err else float("inf")
-
-
-class Clock:
-    """CUDA-event timings of a region; per-rank medians gathered so the report can take the max over ranks."""
-
-    def __init__(self, p):
-        self.p, self.world = p, p.get_world_size()
-
-    def time(self, fn, iters: int, warmup: int, barrier: bool = True) -> dict:
-        for _ in range(warmup):
-            fn()
-        sync()
-        samples = []
-        for _ in range(iters):
-            if barrier:
-                self.p.barrier()
-            if DEV.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) * 1e3)  # microseconds
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e6)
-        mine = torch.tensor([statistics.median(samples), min(samples), max(samples)], dtype=torch.float64,
-                            device=DEV)
-        every = self.p.all_gather_into_tensor(mine).reshape(self.world, 3)
-        return {"us": float(every[:, 0].max()), "median_us_per_rank": every[:, 0].tolist(),
-                "min_us_per_rank": every[:, 1].tolist(), "max_us_per_rank": every[:, 2].tolist(), "iters": iters}
-
-
-def back_to_back(clock, fn, iters: int, warmup: int, calls: int = 10) -> dict:
-    """GPU time per call with ``calls`` calls queued between two events: each call's host launch work hides behind
-    the previous call's GPU work, so this is the kernels' own time (what a busy pipeline sees)."""
-    def batch():
-        for _ in range(calls):
-            fn()
-    out = clock.time(batch, iters, warmup)
-    for key in ("median_us_per_rank", "min_us_per_rank", "max_us_per_rank"):
-        out[key] = [v / calls for v in out[key]]
-    out["us"] /= calls
-    out["calls_per_sample"] = calls
-    return out
-
-
-def guarded(clock, fn, iters: int, warmup: int) -> dict:
-    """``clock.time`` that records running out of device memory instead of ending the run. Every rank must agree:
-    a rank that ran out stops issuing collectives, so the flag is all-reduced after each attempt."""
-    try:
-        out = clock.time(fn, iters, warmup)
-        failed = 0.0
-    except torch.OutOfMemoryError:
-        out, failed = None, 1.0
-    flag = clock.p.all_reduce(torch.tensor([failed], device=DEV), "max")
-    if float(flag) or out is None:
-        return {"us": float("nan"), "error": "out of device memory on some rank"}
-    return out
-
-
-def syncs_of(fn, calls: int = 3) -> list | None:
-    """Where ``fn`` makes device-to-host syncs, as torch's sync debug mode reports them (the Python line of each),
-    for ``calls`` consecutive calls; CUDA only."""
-    if DEV.type != "cuda":
-        return None
-    per_call = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        sites = []
-
-        def record(message, category, filename, lineno, file=None, line=None):
-            if "synchroniz" in str(message):  # the calling chain, innermost last, inside this repository
-                chain = [f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno}" for f in traceback.extract_stack()[:-1]]
-                sites.append(" < ".join(reversed([c for c in chain if not c.startswith("..")][-3:])))
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        per_call.append(sites)
-    return per_call
-
 
 # ---------------------------------------------------------------------- prototype: the permute step in one kernel
 # Not in the package: permute.py gathers through an index (an index build, a concatenated zero row and a gather,
@@ -238,19 +111,19 @@ else:
 # ---------------------------------------------------------------------- the two layers
 def routed_batch(shape: Shape, experts: int, rank: int, salt: int):
     """This rank's rows grouped by global expert (random top-k routing) and the rows per global expert."""
-    g = torch.Generator(device=DEV).manual_seed(1000 * salt + rank)
-    expert_ids = torch.rand(shape.tokens, experts, generator=g, device=DEV).topk(shape.top_k, dim=1).indices
+    g = torch.Generator(device=common.DEV).manual_seed(1000 * salt + rank)
+    expert_ids = torch.rand(shape.tokens, experts, generator=g, device=common.DEV).topk(shape.top_k, dim=1).indices
     counts_G = torch.bincount(expert_ids.flatten(), minlength=experts)
-    x_ND = torch.randn(shape.tokens * shape.top_k, shape.dim, generator=g, device=DEV, dtype=BF16)
+    x_ND = torch.randn(shape.tokens * shape.top_k, shape.dim, generator=g, device=common.DEV, dtype=BF16)
     return x_ND, counts_G
 
 
 def local_weights(shape: Shape, local_experts: int, rank: int, dtype=BF16):
-    g = torch.Generator(device=DEV).manual_seed(7 + rank)
+    g = torch.Generator(device=common.DEV).manual_seed(7 + rank)
     D, H, E = shape.dim, shape.hidden, local_experts
-    w1 = torch.randn(E, H, D, generator=g, device=DEV, dtype=dtype).mul_(D ** -0.5)
-    w2 = torch.randn(E, D, H, generator=g, device=DEV, dtype=dtype).mul_(H ** -0.5)
-    w3 = torch.randn(E, H, D, generator=g, device=DEV, dtype=dtype).mul_(D ** -0.5)
+    w1 = torch.randn(E, H, D, generator=g, device=common.DEV, dtype=dtype).mul_(D ** -0.5)
+    w2 = torch.randn(E, D, H, generator=g, device=common.DEV, dtype=dtype).mul_(H ** -0.5)
+    w3 = torch.randn(E, H, D, generator=g, device=common.DEV, dtype=dtype).mul_(D ** -0.5)
     return [w.requires_grad_() for w in (w1, w2, w3)]
 
 
@@ -284,7 +157,7 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     """The device copy of the received rows (the floor) and the permute step (index build + gather) of an
     ``R``-rank EP group with ``E`` local experts, its parts, and the one-kernel prototype."""
     world = R
-    xs_T = [torch.randn(T, D, device=DEV, dtype=BF16) for _ in range(3)]  # rotated: 3 x T x D >> L2
+    xs_T = [torch.randn(T, D, device=common.DEV, dtype=BF16) for _ in range(3)]  # rotated: 3 x T x D >> L2
     dst = torch.empty_like(xs_T[0])
     it = iter(range(1 << 30))
     pick = lambda: xs_T[next(it) % 3]  # noqa: E731
@@ -296,7 +169,8 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     times["gather_only"] = clock.time(lambda: pick()[idx.source_row_P], n_it, n_w)
     for impl in ("neutral", *impls):
         p.kernels.permute_slots_impl = impl
-        times[f"index_build_{impl}"] = clock.time(lambda: p.kernels.permute_slots(counts_RE, world, E, T, offsets), n_it, n_w)
+        times[f"index_build_{impl}"] = clock.time(lambda: p.kernels.permute_slots(counts_RE, world, E, T, offsets),
+                                                  n_it, n_w)
     p.kernels.permute_slots_impl = "auto"
     times["build_permute_indices"] = clock.time(lambda: build_permute_indices(counts_RE, host_RE, world, E),
                                                 n_it, n_w)
@@ -312,7 +186,7 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     checks["permute_step_package_equal"] = bool(torch.equal(permute(xs_T[0], fused_idx), want))
     checks["unpermute_package_equal"] = bool(torch.equal(unpermute(want, fused_idx), xs_T[0]))
     times["permute_step_package"] = clock.time(step, n_it, n_w)
-    if fused_permute is not None and DEV.type == "cuda":
+    if fused_permute is not None and common.DEV.type == "cuda":
         best = None
         for config in FUSED_CONFIGS:
             fused = lambda: fused_permute(pick(), counts_RE, world, E, config)  # noqa: E731
@@ -334,7 +208,6 @@ def time_permute_step(p, clock, args, counts_RE, host_RE, R: int, E: int, T: int
     del xs_T, dst
 
 
-
 def a2a_bytes_of(send, recv, me: int, D: int, elem: int = 2) -> dict:
     """Bytes one rank sends plus receives in a token all-to-all of ``D``-wide rows of ``elem`` bytes (``send[j]`` /
     ``recv[j]``: rows to / from group rank ``j``; ``me``: this rank's index in the group): every row handed to or
@@ -347,13 +220,8 @@ def a2a_bytes_of(send, recv, me: int, D: int, elem: int = 2) -> dict:
 def a2a_bytes(p, send, recv, me: int, D: int, elem: int = 2) -> dict:
     """:func:`a2a_bytes_of`, averaged over the ranks of the world."""
     mine = a2a_bytes_of(send, recv, me, D, elem)
-    avg = p.all_reduce(torch.tensor([mine["all"], mine["off_rank"]], dtype=torch.float64, device=DEV), "avg")
+    avg = p.all_reduce(torch.tensor([mine["all"], mine["off_rank"]], dtype=torch.float64, device=common.DEV), "avg")
     return {"all": float(avg[0]), "off_rank": float(avg[1])}
-
-
-def gb_per_s(nbytes: float, us: float) -> float:
-    """Bandwidth in GB/s (1e9 bytes per second) of ``nbytes`` moved in ``us`` microseconds."""
-    return nbytes / us / 1e3
 
 
 def time_exchange(p, clock, args, x_ND, send, recv, me: int, group, dispatch, combine, res: dict,
@@ -363,7 +231,7 @@ def time_exchange(p, clock, args, x_ND, send, recv, me: int, group, dispatch, co
     all-reduce of the received rows that the ETP combine adds, alone and in the raw sequences."""
     times, n_it, n_w = res["times"], args.iters, args.warmup
     D, T = x_ND.shape[1], sum(recv)
-    buf_T = torch.zeros(T, D, device=DEV, dtype=BF16)  # zeros: the in-place all-reduce below keeps them finite
+    buf_T = torch.zeros(T, D, device=common.DEV, dtype=BF16)  # zeros: the in-place all-reduce below keeps them finite
     buf_N = torch.empty_like(x_ND)
     raw_dispatch = lambda: dist.all_to_all_single(buf_T, x_ND, recv, send, group=group)  # noqa: E731
     raw_combine = lambda: dist.all_to_all_single(buf_N, buf_T, send, recv, group=group)  # noqa: E731
@@ -408,21 +276,22 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     offsets = p.tensor([sum(sum(host_RE[e::E]) for e in range(k)) for k in range(E)], dtype="int64")
     p.kernels.permute_slots_impl = "neutral"
     ref_slots = p.kernels.permute_slots(counts_RE, world, E, T, offsets)
-    impls = ("eager", "graph", "triton") if DEV.type == "cuda" else ("eager",)
+    impls = ("eager", "graph", "triton") if common.DEV.type == "cuda" else ("eager",)
     for impl in impls:
         p.kernels.permute_slots_impl = impl
         got = p.kernels.permute_slots(counts_RE, world, E, T, offsets)
         checks[f"index_build_{impl}_equal"] = bool(torch.equal(got, ref_slots))
     p.kernels.permute_slots_impl = "auto"
     checks["index_build_auto_choice"] = adapter.choose_permute_impl(
-        "auto", DEV.type, triton_usable=adapter.triton is not None, capturing=False, broken=p.kernels._broken_impls)
+        "auto", common.DEV.type, triton_usable=adapter.triton is not None, capturing=False,
+        broken=p.kernels._broken_impls)
 
     # ---- grouped_mm: bf16 kernel vs fp32 loop with uneven and empty groups, forward and backward
     gm_counts = [0, 37, 0, 1001, 5, 0, 3000, 1]
-    xg = torch.randn(sum(gm_counts), shape.dim, device=DEV, dtype=BF16)
-    wg = (torch.randn(len(gm_counts), shape.hidden, shape.dim, device=DEV, dtype=BF16) * shape.dim ** -0.5).mT
+    xg = torch.randn(sum(gm_counts), shape.dim, device=common.DEV, dtype=BF16)
+    wg = (torch.randn(len(gm_counts), shape.hidden, shape.dim, device=common.DEV, dtype=BF16) * shape.dim ** -0.5).mT
     checks["grouped_mm_fast_path"] = adapter.grouped_mm_device_ok(xg.device) and adapter.grouped_mm_layout_ok(xg, wg)
-    gyg = torch.randn(sum(gm_counts), shape.hidden, device=DEV)
+    gyg = torch.randn(sum(gm_counts), shape.hidden, device=common.DEV)
     outs = []
     for fn, dt in ((lambda a, b: p.kernels.grouped_mm(a, b, gm_counts), BF16),
                    (lambda a, b: Kernels.grouped_mm(p.kernels, a, b, gm_counts), torch.float32)):
@@ -524,7 +393,7 @@ def run_shape(name: str, shape: Shape, args, p, mesh, clock) -> dict:
 
     # the experts alone (already permuted rows), forward + backward: where the layer's time goes
     tokens_per_expert = [sum(host_RE[e::E]) for e in range(E)]
-    x_TD = torch.randn(T, D, device=DEV, dtype=BF16)
+    x_TD = torch.randn(T, D, device=common.DEV, dtype=BF16)
     gy_TD = torch.randn_like(x_TD)
     ours_experts = lambda x, c: swiglu_experts(x, tokens_per_expert, *weights)  # noqa: E731
     seed_experts = lambda x, c: seed.seed_experts(x, torch.tensor(tokens_per_expert), *weights)  # noqa: E731
@@ -582,8 +451,8 @@ def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     checks, times = res["checks"], res["times"]
 
     def same_along_tp(like, salt):  # seeded by the ep coordinate: equal on the ranks of a tp line
-        g = torch.Generator(device=DEV).manual_seed(1000 * salt + 500 + ep_rank)
-        return torch.randn(like.shape, generator=g, device=DEV, dtype=like.dtype)
+        g = torch.Generator(device=common.DEV).manual_seed(1000 * salt + 500 + ep_rank)
+        return torch.randn(like.shape, generator=g, device=common.DEV, dtype=like.dtype)
 
     x_ND, counts_G = routed_batch(shape, G, ep_rank, salt=1)
     gy = same_along_tp(x_ND, 1)
@@ -601,7 +470,7 @@ def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     offsets = p.tensor([sum(sum(host_RE[e::E]) for e in range(k)) for k in range(E)], dtype="int64")
     p.kernels.permute_slots_impl = "neutral"
     ref_slots = p.kernels.permute_slots(counts_RE, R, E, T, offsets)
-    impls = ("eager", "graph", "triton") if DEV.type == "cuda" else ("eager",)
+    impls = ("eager", "graph", "triton") if common.DEV.type == "cuda" else ("eager",)
     for impl in impls:
         p.kernels.permute_slots_impl = impl
         checks[f"index_build_{impl}_equal"] = bool(torch.equal(p.kernels.permute_slots(counts_RE, R, E, T, offsets),
@@ -676,7 +545,7 @@ def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
             clock, lambda: fwd_bwd(ep_only, x_ND, counts_G, gy, full), args.layer_iters, 2)
         release()
         tokens_per_expert = [sum(host_RE[e::E]) for e in range(E)]
-        x_TD = torch.randn(T, D, device=DEV, dtype=BF16)
+        x_TD = torch.randn(T, D, device=common.DEV, dtype=BF16)
         gy_TD = torch.randn_like(x_TD)
         for key, ws_ in (("experts_fwd_bwd_ours", shards), ("experts_fwd_bwd_full_hidden", full)):
             times[key] = guarded(clock, lambda: fwd_bwd(lambda x, c: swiglu_experts(x, tokens_per_expert, *ws_),
@@ -689,139 +558,13 @@ def run_shape_etp(name: str, shape: Shape, args, p, mesh, clock) -> dict:
     return res
 
 
-# ---------------------------------------------------------------------- report
-def gpus_label(r: dict, world: int):
-    return world if r["layout"] == "ep" else f"{world} (ep{r['mesh'][0]} x tp{r['mesh'][1]})"
-
-
-def summary_rows(name: str, r: dict, world: int) -> list[tuple]:
-    t = r["times"]
-    us = lambda k: t[k]["us"]  # noqa: E731
-    etp = r["layout"] == "etp"
-    gpus = gpus_label(r, world)
-    rows = []
-    if "copy_floor" in t:
-        floor = us("copy_floor")
-        rows += [(name, gpus, "copy floor (T x D rows, read+write)", floor, "", "", "", ""),
-                 (name, gpus, "gather alone x[idx]", us("gather_only"), "copy", us("gather_only") / floor, "", "")]
-        for impl, label in (("neutral", "neutral (2 hidden syncs)"), ("eager", "eager + output_size"),
-                            ("graph", "CUDA graph"), ("triton", "Triton")):
-            if f"index_build_{impl}" in t:
-                rows.append((name, gpus, f"index build: {label}", us(f"index_build_{impl}"), "", "", "", ""))
-        for key, label in (("permute_step_no_cat", "permute step: index build + gather"),
-                           ("permute_step_package_gather", "permute step: permute() through an index"),
-                           ("permute_step_package", "permute step: permute(), the package's Triton block copy"),
-                           ("permute_step_fused_prototype", "permute step, one fused kernel (prototype)")):
-            if key not in t:
-                continue
-            ratio = us(key) / floor
-            rows.append((name, gpus, label, us(key), "copy", ratio, "<= 1.15", "yes" if ratio <= 1.15 else "no"))
-        b2b_floor = us("copy_floor_back_to_back")
-        rows.append((name, gpus, "copy floor, back to back", b2b_floor, "", "", "", ""))
-        for key, label in (("gather_only_back_to_back", "gather alone, back to back"),
-                           ("permute_step_package_gather_back_to_back", "permute() through an index, back to back"),
-                           ("permute_step_package_back_to_back", "permute() block copy, back to back"),
-                           ("permute_step_fused_prototype_back_to_back", "fused prototype, back to back")):
-            if key in t:
-                rows.append((name, gpus, label, us(key), "copy b2b", us(key) / b2b_floor, "", ""))
-    if "raw_all_to_all_pair" in t:
-        raw = us("raw_all_to_all_pair")
-        rows.append((name, gpus, "raw a2a + tp all_reduce + a2a" if etp else "raw all_to_all_single pair", raw,
-                     "", "", "", ""))
-        for key, label in (("dispatch_combine_ours", "dispatch+combine ours" + (" (ETP)" if etp else "")),
-                           ("dispatch_combine_seed", "dispatch+combine seed")):
-            if key not in t:
-                continue
-            ratio = us(key) / raw
-            target = "<= 1.10" if key.endswith("ours") else ""
-            met = ("yes" if ratio <= 1.10 else "no") if target else ""
-            rows.append((name, gpus, label, us(key), "raw", ratio, target, met))
-    if "layer_fwd_bwd_ours" in t:
-        ours, seed_t = us("layer_fwd_bwd_ours"), us("layer_fwd_bwd_seed")
-        if etp:
-            rows.append((name, gpus, "layer fwd+bwd seed reference (EP over ep, full-hidden experts)", seed_t,
-                         "", "", "", ""))
-            rows.append((name, gpus, "layer fwd+bwd ours, ExpertTensorParallel", ours, "seed/ours", seed_t / ours,
-                         "", ""))
-        else:
-            rows.append((name, gpus, "layer fwd+bwd seed reference", seed_t, "", "", "", ""))
-            rows.append((name, gpus, "layer fwd+bwd ours (speedup)", ours, "seed/ours", seed_t / ours, ">= 1.3",
-                         "yes" if seed_t / ours >= 1.3 else "no"))
-        for key, label in (("layer_fwd_bwd_ep_only_full_hidden",
-                            "layer fwd+bwd ours, EP over ep only, full-hidden experts (no TP)"),
-                           ("layer_fwd_bwd_ours_unbind_loop_experts", "layer fwd+bwd ours, cuBLAS-loop experts"),
-                           ("layer_fwd_bwd_ours_neutral_loop_experts", "layer fwd+bwd ours, neutral-loop experts"),
-                           ("experts_fwd_bwd_ours", "experts alone fwd+bwd, ours (_grouped_mm)"
-                            + (", tp shard" if etp else "")),
-                           ("experts_fwd_bwd_full_hidden", "experts alone fwd+bwd, ours, full hidden"),
-                           ("experts_fwd_bwd_seed_loop", "experts alone fwd+bwd, seed loop")):
-            if key in t:
-                rows.append((name, gpus, label, us(key), "", "", "", ""))
-    return rows
-
-
-def bandwidth_rows(name: str, r: dict, world: int) -> list[tuple]:
-    """Dispatch and combine alone against the raw ``all_to_all_single`` of the same rows (see ``BANDWIDTH``)."""
-    t, nbytes = r["times"], r.get("a2a_bytes_per_rank")
-    if not nbytes or "dispatch_ours" not in t:
-        return []
-    gpus, etp = gpus_label(r, world), r["layout"] == "etp"
-    rows = []
-
-    def row(label, key, raw_key, counted=True):
-        us = t[key]["us"]
-        b = nbytes if counted else None
-        rows.append((name, gpus, label, us, b["all"] / 1e6 if b else "", gb_per_s(b["all"], us) if b else "",
-                     gb_per_s(b["off_rank"], us) if b else "", t[raw_key]["us"] / us if raw_key else ""))
-
-    row("raw all_to_all_single, dispatch direction", "raw_all_to_all_dispatch", "raw_all_to_all_dispatch")
-    row("dispatch ours" + (" (ETP)" if etp else ""), "dispatch_ours", "raw_all_to_all_dispatch")
-    if etp:
-        row("raw tp all_reduce of the [T, D] rows alone (not an all-to-all)", "raw_tp_all_reduce", None, False)
-        row("raw all_to_all_single, combine direction, alone", "raw_all_to_all_combine_bare",
-            "raw_all_to_all_combine_bare")
-        row("raw tp all_reduce + all_to_all_single, combine direction", "raw_all_to_all_combine",
-            "raw_all_to_all_combine")
-        row("combine ours (ETP: tp all_reduce + unpermute + a2a)", "combine_ours", "raw_all_to_all_combine")
-    else:
-        row("raw all_to_all_single, combine direction", "raw_all_to_all_combine", "raw_all_to_all_combine")
-        row("combine ours", "combine_ours", "raw_all_to_all_combine")
-    return rows
-
-
-BANDWIDTH = ("GB/s = bytes one rank sends + receives in the token all_to_all_single (rows x D x 2 bytes, bf16; "
-             "mean over ranks) / time (max over ranks of the per-rank medians); the off-rank column leaves out the "
-             "rank's own chunk. share of raw = raw time / our time (= our GB/s / raw GB/s, same bytes).")
-
-
-def print_table(rows, checks_by_shape, bw_rows=()) -> None:
-    print("\nchecks (worst over ranks; relative errors; bf16 operands land between 1e-3 and 1e-2):")
-    for name, checks in checks_by_shape.items():
-        for k, v in checks.items():
-            print(f"  {name:8s} {k:44s} {v:.2e}" if isinstance(v, float) else f"  {name:8s} {k:44s} {v}")
-    print("\n| shape | GPUs | step | time (us, max over ranks) | vs | ratio | target | met |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, world, label, us, vs, ratio, target, met in rows:
-        ratio = f"{ratio:.2f}" if isinstance(ratio, float) else ratio
-        print(f"| {name} | {world} | {label} | {us:.1f} | {vs} | {ratio} | {target} | {met} |")
-    if bw_rows:
-        print("\n" + BANDWIDTH)
-        print("\n| shape | GPUs | step | time (us, max over ranks) | MB per rank (sent + received) | GB/s | "
-              "GB/s, off-rank rows only | share of raw |")
-        print("|---|---|---|---|---|---|---|---|")
-        fmt = lambda v, f: format(v, f) if isinstance(v, float) else v  # noqa: E731
-        for name, world, label, us, mb, gbs, gbs_off, share in bw_rows:
-            print(f"| {name} | {world} | {label} | {us:.1f} | {fmt(mb, '.1f')} | {fmt(gbs, '.1f')} | "
-                  f"{fmt(gbs_off, '.1f')} | {fmt(share, '.2f')} |")
-
-
 def worst_over_ranks(p, checks: dict) -> None:
     """Replace each float check by its maximum over ranks and each boolean by its conjunction (in place)."""
     keys = [k for k, v in checks.items() if isinstance(v, (bool, float))]
     if not keys:
         return
     vals = [(0.0 if checks[k] else 1.0) if isinstance(checks[k], bool) else checks[k] for k in keys]
-    worst = p.all_reduce(torch.tensor(vals, dtype=torch.float64, device=DEV), "max").tolist()
+    worst = p.all_reduce(torch.tensor(vals, dtype=torch.float64, device=common.DEV), "max").tolist()
     for k, w in zip(keys, worst):
         checks[k] = (w == 0.0) if isinstance(checks[k], bool) else w
 
@@ -852,22 +595,21 @@ def main(argv=None) -> int:
     p.init_process_group()
     p.kernels.permute_rows_impl = args.permute_rows
     rank, world = p.get_rank(), p.get_world_size()
-    global DEV
-    DEV = p.device
+    common.DEV = p.device
     if args.layout == "etp":
         if args.tp < 1 or world % args.tp:
             ap.error(f"--tp {args.tp} must divide the world size {world}")
-        mesh = init_device_mesh(DEV.type, (world // args.tp, args.tp), mesh_dim_names=("ep", "tp"))
+        mesh = init_device_mesh(common.DEV.type, (world // args.tp, args.tp), mesh_dim_names=("ep", "tp"))
         runner, stem = run_shape_etp, f"gpu_etp_w{world}_ep{world // args.tp}tp{args.tp}"
     else:
-        mesh = init_device_mesh(DEV.type, (world,), mesh_dim_names=("ep",))
+        mesh = init_device_mesh(common.DEV.type, (world,), mesh_dim_names=("ep",))
         runner, stem = run_shape, f"gpu_ep_w{world}"
     if args.parts != {"permute", "comm", "layer"}:
         stem += "_" + "-".join(sorted(args.parts))
     if args.permute_rows != "auto":
         stem += "_" + args.permute_rows
     clock = Clock(p)
-    report = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "world": world,
+    report = {"device": torch.cuda.get_device_name() if common.DEV.type == "cuda" else "cpu", "world": world,
               "layout": args.layout, "versions": p.versions(),
               "triton": getattr(adapter.triton, "__version__", None),
               "date": datetime.date.today().isoformat(), "argv": sys.argv, "bandwidth": BANDWIDTH, "shapes": {}}

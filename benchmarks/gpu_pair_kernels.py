@@ -22,7 +22,7 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 os.environ.setdefault("HYPER_PARALLEL_PLATFORM", "torch")
 
 import torch  # noqa: E402
-from gpu_ep import SHAPES, rel_err  # noqa: E402
+from gpu_common import SHAPES, rel_err  # noqa: E402
 
 from hyper_parallel.kernels import Kernels  # noqa: E402
 from platform_adapters.torch import TorchPlatform  # noqa: E402

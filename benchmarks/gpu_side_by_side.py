@@ -36,7 +36,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 os.environ.setdefault("HYPER_PARALLEL_PLATFORM", "torch")
 
-import gpu_ep  # noqa: E402  (shapes, the clock, rel_err)
+import gpu_common as common  # noqa: E402  (shapes, the device, the clock, rel_err)
 import torch  # noqa: E402
 
 if not hasattr(torch.compiler, "_is_non_strict_tracing"):
@@ -72,7 +72,8 @@ class Ours:
     def __call__(self, x_TD, scores_TK, ids_TK):
         p, K = get_platform(), self.shape.top_k
         scores_N, pairs_N, counts_G = self.reorderer(scores_TK, ids_TK)
-        d = token_dispatch(p.kernels.gather_pairs(x_TD, pairs_N, K), counts_G, self.group, num_experts=self.shape.experts)
+        d = token_dispatch(p.kernels.gather_pairs(x_TD, pairs_N, K), counts_G, self.group,
+                           num_experts=self.shape.experts)
         back_ND = token_combine(self.experts(d.routed_input, d.num_tokens_per_expert), d.meta)
         return p.kernels.combine_pairs(back_ND, scores_N, pairs_N, x_TD.shape[0], K)
 
@@ -148,7 +149,7 @@ def fwd_bwd(fn, x, scores, ids, gy, params):
 
 
 def run_shape(name: str, shape, p, mesh, titan_mesh, megatron, clock, args) -> dict:
-    dev, rank, world = gpu_ep.DEV, p.get_rank(), p.get_world_size()
+    dev, rank, world = common.DEV, p.get_rank(), p.get_world_size()
     T, D, H, E = shape.tokens, shape.dim, shape.hidden, shape.experts // world
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
     randn = lambda *size, scale=1.0: (torch.randn(*size, generator=g, device=dev, dtype=BF16) * scale)  # noqa: E731
@@ -196,12 +197,12 @@ def run_shape(name: str, shape, p, mesh, titan_mesh, megatron, clock, args) -> d
     for label, (fn, _, params) in pipelines.items():
         got = fwd_bwd(fn, x16, scores, ids, gy16, params)
         for what, a, b in zip(("out", "dx", "dw1", "dw2", "dw3"), (got[0], *got[1]), (want[0], *want[1])):
-            result["checks"][f"{label}_bf16_vs_fp32_{what}_rel_err"] = gpu_ep.rel_err(a, b)
+            result["checks"][f"{label}_bf16_vs_fp32_{what}_rel_err"] = common.rel_err(a, b)
         del got
         for w in params:
             w.grad = None
     del want
-    gpu_ep.release()
+    common.release()
 
     n_it, n_w = args.iters, args.warmup
     with torch.no_grad():
@@ -209,7 +210,7 @@ def run_shape(name: str, shape, p, mesh, titan_mesh, megatron, clock, args) -> d
         for label, (_, tokens, _) in pipelines.items():
             if label != "ours":
                 # not bit-equal: torchtitan and Megatron weight each pair in bf16, ours sums the pairs in fp32
-                result["checks"][f"token_path_ours_vs_{label}_rel_err"] = gpu_ep.rel_err(tokens(x16, scores, ids),
+                result["checks"][f"token_path_ours_vs_{label}_rel_err"] = common.rel_err(tokens(x16, scores, ids),
                                                                                           ours_out)
         del ours_out
         for _ in range(args.rounds):
@@ -221,7 +222,7 @@ def run_shape(name: str, shape, p, mesh, titan_mesh, megatron, clock, args) -> d
             t = clock.time(lambda fn=fn, params=params: fwd_bwd(fn, x16, scores, ids, gy16, params),
                            args.layer_iters, 2)
             result["times"].setdefault(f"layer_fwd_bwd_{label}", []).append(t["us"])
-    gpu_ep.release()
+    common.release()
     return result
 
 
@@ -245,7 +246,7 @@ def report(results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="deepseek,qwen", help="comma-separated: " + ", ".join(gpu_ep.SHAPES))
+    ap.add_argument("--shapes", default="deepseek,qwen", help="comma-separated: " + ", ".join(common.SHAPES))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--layer-iters", type=int, default=10)
@@ -257,16 +258,16 @@ def main(argv=None) -> int:
     p = get_platform()
     p.kernels.pairs_impl = args.pairs_impl
     p.init_process_group()
-    gpu_ep.DEV = p.device
+    common.DEV = p.device
     set_spmd_backend("partial_dtensor")  # torchtitan's plain-collective path (no spmd_types mesh context)
     mesh = init_device_mesh(p.device.type, (p.get_world_size(),), mesh_dim_names=("ep",))
     titan_mesh = torch.distributed.device_mesh.init_device_mesh(p.device.type, (p.get_world_size(),),
                                                                mesh_dim_names=("ep",))
-    clock = gpu_ep.Clock(p)
+    clock = common.Clock(p)
     megatron = megatron_or_reason()
     results = []
     for name in args.shapes.split(","):
-        results.append(run_shape(name, gpu_ep.SHAPES[name], p, mesh, titan_mesh, megatron, clock, args))
+        results.append(run_shape(name, common.SHAPES[name], p, mesh, titan_mesh, megatron, clock, args))
         if args.out and p.get_rank() == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"gpu_side_by_side_{name}.json"), "w") as f:

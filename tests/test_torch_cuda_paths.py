@@ -331,7 +331,7 @@ def test_all_to_all_bytes_count_every_row_and_the_off_rank_rows(gpu_ep):
     # rank 1 of 2 sends 3 rows to rank 0 and 5 to itself, receives 4 from rank 0 and 2 from itself; D=7, bf16
     got = gpu_ep.a2a_bytes_of([3, 5], [4, 2], 1, 7)
     assert got == {"all": (8 + 6) * 7 * 2, "off_rank": (3 + 4) * 7 * 2}
-    assert gpu_ep.gb_per_s(2e9, 1e6) == 2.0  # 2 GB in one second
+    assert gpu_ep.common.gb_per_s(2e9, 1e6) == 2.0  # 2 GB in one second (gpu_common, as gpu_ep loaded it)
 
 
 def test_etp_shards_sum_to_the_full_hidden_experts(gpu_ep):
@@ -356,7 +356,7 @@ def test_etp_shards_sum_to_the_full_hidden_experts(gpu_ep):
 
 
 def test_checks_are_reduced_to_their_worst_over_ranks(gpu_ep, monkeypatch):
-    monkeypatch.setattr(gpu_ep, "DEV", torch.device("cpu"))
+    monkeypatch.setattr(gpu_ep.common, "DEV", torch.device("cpu"))  # the one device, in gpu_common
 
     class TwoRanks:  # the other rank: err 3e-3, ok False, bad True
         def all_reduce(self, t, op):
