@@ -140,6 +140,15 @@ class Kernels:
         can route it elsewhere (the MindSpore adapter does)."""
         return a_NK @ b_KM
 
+    def gate_up(self, x_ND, w1_EHD, w3_EHD, num_tokens_per_expert: Sequence[int]):
+        """The experts' two input projections, ``(x @ w1[e].T, x @ w3[e].T)`` per expert's rows; two ``[N, H]``.
+
+        Two :meth:`grouped_mm` calls here. A backend whose per-op cost dominates may run them as one, on the two
+        weights side by side (the MindSpore adapter does); the values are the same products either way.
+        """
+        return (self.grouped_mm(x_ND, w1_EHD.mT, num_tokens_per_expert),
+                self.grouped_mm(x_ND, w3_EHD.mT, num_tokens_per_expert))
+
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         """Rows ``[offset_e, offset_e + n_e)`` of ``x_NK`` times ``w_EKM[e]``, for every expert ``e``; ``[N, M]``.
 

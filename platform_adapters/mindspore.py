@@ -253,16 +253,28 @@ class MindSporeKernels(Kernels):
     def matmul(self, a_NK, b_KM):
         return mint.bmm(a_NK.unsqueeze(0), b_KM.unsqueeze(0)).squeeze(0)
 
+    def gate_up(self, x_ND, w1_EHD, w3_EHD, num_tokens_per_expert: Sequence[int]):
+        # one grouped_mm on [E, D, 2H] (w1 and w3 side by side) and one split: about half the ops of two
+        H = w1_EHD.shape[1]
+        if tuple(w3_EHD.shape) != tuple(w1_EHD.shape) or len(w1_EHD.shape) != 3:
+            return super().gate_up(x_ND, w1_EHD, w3_EHD, num_tokens_per_expert)
+        h_NH, g_NH = mint.split(self.grouped_mm(x_ND, mint.cat([w1_EHD, w3_EHD], dim=1).mT, num_tokens_per_expert),
+                                H, dim=1)
+        return h_NH, g_NH
+
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         counts = [int(n) for n in num_tokens_per_expert]
         live = [e for e, n in enumerate(counts) if n]  # empty experts are skipped, as in the reference
         if (len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0
                 or not live):
             return super().grouped_mm(x_NK, w_EKM, counts)  # raises on bad counts; zero rows: its connected zeros
-        w_E = w_EKM.unbind(0)
-        parts = mint.split(x_NK, [counts[e] for e in live]) if len(live) > 1 else (x_NK,)
-        outs = [self.matmul(part, w_E[e]) for part, e in zip(parts, live)]
-        return outs[0] if len(outs) == 1 else mint.cat(outs)
+        # in bmm's 3-D form from the start: one split of each operand into [1, n, K] and [1, K, M] pieces, one cat
+        # and one squeeze, instead of an unsqueeze of both operands and a squeeze per expert (3 ops of ~0.06 ms each)
+        w_E = mint.split(w_EKM, 1)
+        x_1NK = x_NK.unsqueeze(0)
+        parts = mint.split(x_1NK, [counts[e] for e in live], dim=1) if len(live) > 1 else (x_1NK,)
+        outs = [mint.bmm(part, w_E[e]) for part, e in zip(parts, live)]
+        return (outs[0] if len(outs) == 1 else mint.cat(outs, dim=1)).squeeze(0)
 
 
 class MindSporePlatform(Platform):

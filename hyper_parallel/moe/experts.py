@@ -23,8 +23,7 @@ __all__ = ["GroupedExpertsMixin", "swiglu_experts"]
 def swiglu_experts(x_ND, num_tokens_per_expert: Sequence[int], w1_EHD, w2_EDH, w3_EHD):
     """The experts' computation on local parameters; ``num_tokens_per_expert`` are host ints summing to N."""
     p = get_platform()
-    h_NH = p.kernels.grouped_mm(x_ND, w1_EHD.mT, num_tokens_per_expert)
-    g_NH = p.kernels.grouped_mm(x_ND, w3_EHD.mT, num_tokens_per_expert)
+    h_NH, g_NH = p.kernels.gate_up(x_ND, w1_EHD, w3_EHD, num_tokens_per_expert)
     return p.kernels.grouped_mm(p.kernels.swiglu(h_NH, g_NH), w2_EDH.mT, num_tokens_per_expert)
 
 
