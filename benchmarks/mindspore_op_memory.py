@@ -22,11 +22,15 @@ import sys
 
 CALLS, STEPS = 32, 400
 CASES = ("matmul_2d", "bmm", "sum", "sum_keepdim", "mean", "topk", "softmax", "broadcast_add", "elementwise",
-         "index_rows", "cat_one", "times_one")
+         "index_rows", "cat_one", "times_one", "rowsum_by_bmm")
 
 
 def _cases():
+    import mindspore as ms
+    import numpy as np
     from mindspore import mint, ops
+
+    ones_CC = ms.Tensor(np.ones((1, 32, 32), np.float32))  # y's columns: a row sum already in y's shape
 
     def bmm(y, w):
         return mint.bmm(y.unsqueeze(0), w.unsqueeze(0)).squeeze(0)
@@ -44,6 +48,9 @@ def _cases():
         "index_rows": lambda y, w: y[ops.arange(y.shape[0] - 1, -1, -1)],
         "cat_one": lambda y, w: mint.cat([y]),
         "times_one": lambda y, w: y * 1,
+        # sum_keepdim with no reduction anywhere: the row sums by a matmul with ones, in y's full shape, so that
+        # neither the forward nor the product's backward reduces
+        "rowsum_by_bmm": lambda y, w: y * mint.bmm(y.unsqueeze(0), ones_CC).squeeze(0),
     }
     assert tuple(cases) == CASES
     return cases
