@@ -469,7 +469,9 @@ class TorchPlatform(Platform):
     def tensor(self, data: Sequence, *, dtype: str = "float32", device=None):
         device = torch.device(device) if device is not None else self._device
         host = host_tensor(data, self.dtype(dtype))
-        if host_copy_mode(device.type, host.numel() * host.element_size()) == "pinned":
+        # under torch.compile the copy is traced (fake tensors have no pinned memory): a plain one
+        if host_copy_mode(device.type, host.numel() * host.element_size()) == "pinned" \
+                and not torch.compiler.is_compiling():
             return host.pin_memory().to(device, non_blocking=True)
         return host.to(device)
 

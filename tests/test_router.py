@@ -45,6 +45,27 @@ def test_capacity_worked_example_drops_the_latest_tokens():
     assert get_platform().tolist(got[1]) == kept.tolist()
 
 
+def test_helper_tensors_follow_the_input_not_the_platform_default(monkeypatch):
+    """A layer moved to a device the platform was not set up for (a single GPU used without a process group) must
+    not mix devices: the router and the reorderer make their comparison ranges and counts on the input's device.
+    Here the platform's default is the "meta" device and the inputs live on the CPU: any helper tensor made on the
+    default raises at the first mixed op; all of them on the input's device give the same numbers as before."""
+    import torch
+
+    from hyper_parallel import get_platform
+    from hyper_parallel.moe import MoE
+
+    moe = MoE(dim=16, hidden_dim=32, num_experts=8, top_k=2, num_expert_groups=4, num_limited_groups=2,
+              capacity_factor=1.0, use_expert_bias=True, score_func="sigmoid", init_std=0.3, seed=0)
+    x = torch.from_numpy(np.random.RandomState(0).randn(20, 16).astype(np.float32))
+    want = moe(x)
+    monkeypatch.setattr(get_platform(), "_device", torch.device("meta"))
+    got = moe(x)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    moe.update_expert_bias(0.001)
+    assert moe.tokens_per_expert.device.type == "cpu" and moe.expert_bias.device.type == "cpu"
+
+
 def test_load_balancing_loss_of_a_uniform_router_is_one():
     from hyper_parallel import get_platform
     from hyper_parallel.moe.losses import load_balancing_loss

@@ -188,4 +188,5 @@ class MoEMixin:
         load = self.tokens_per_expert if group is None else p.all_reduce(self.tokens_per_expert, group=group)
         new_bias = update_expert_bias(self.expert_bias, load, update_rate)
         self.expert_bias = p.replace_parameter(self, "expert_bias", new_bias)
-        p.assign(self.tokens_per_expert, p.zeros((self.num_experts,)))
+        p.assign(self.tokens_per_expert,
+                 p.zeros((self.num_experts,), device=getattr(self.tokens_per_expert, "device", None)))

@@ -149,7 +149,7 @@ class TokenChoiceTopKRouterMixin:
             group_score_TG = grouped_TGX.amax(-1)
         kept_TL = group_score_TG.topk(self.num_limited_groups)[1].to(p.dtype("int64"))
         # one-hot by comparison (no scatter: its in-place forms differ across frameworks)
-        dropped_TG = (kept_TL.unsqueeze(-1) == p.arange(G)).sum(1) == 0
+        dropped_TG = (kept_TL.unsqueeze(-1) == p.arange(G, device=getattr(kept_TL, "device", None))).sum(1) == 0
         masked_TGX = grouped_TGX.masked_fill(dropped_TG.unsqueeze(-1), float("-inf"))
         return masked_TGX.reshape(T, self.num_experts)
 
@@ -178,9 +178,10 @@ class TokenChoiceTopKRouterMixin:
             top_scores_TK = top_scores_TK / (top_scores_TK.sum(-1, keepdim=True) + 1e-20)
         top_scores_TK = top_scores_TK * self.route_scale
         if x_TD.shape[0] == 0:  # a sum over zero pairs is not reliably 0 on every backend
-            counts_E = p.zeros((self.num_experts,), dtype="int64")
+            counts_E = p.zeros((self.num_experts,), dtype="int64", device=getattr(x_TD, "device", None))
         else:
-            counts_E = (selected_TK.reshape(-1, 1) == p.arange(self.num_experts)).sum(0).to(i64)
+            experts_E = p.arange(self.num_experts, device=getattr(selected_TK, "device", None))
+            counts_E = (selected_TK.reshape(-1, 1) == experts_E).sum(0).to(i64)
         if self.loss_tracker is not None:
             phase = p.recompute_phase()
             if phase == "first":
@@ -247,18 +248,19 @@ class TokenReordererMixin:
             raise ValueError(f"TokenReorderer: top_scores and selected_experts must both have shape [tokens, "
                              f"{self.top_k}], got {list(top_scores_TK.shape)} and {list(shape)}")
         n = shape[0] * shape[1]
+        device = getattr(selected_experts_TK, "device", None)  # the input's, not the platform's default
         if n == 0:  # zero-size sorts, sums and indexing are traps on some backends
-            return (zeros_connected(top_scores_TK, (0,)), p.zeros((0,), dtype="int64"),
-                    p.zeros((E,), dtype="int64"))
+            return (zeros_connected(top_scores_TK, (0,)), p.zeros((0,), dtype="int64", device=device),
+                    p.zeros((E,), dtype="int64", device=device))
         experts_N = selected_experts_TK.reshape(-1).to(i64)
-        counts_E = (experts_N.reshape(-1, 1) == p.arange(E)).sum(0).to(i64)
+        counts_E = (experts_N.reshape(-1, 1) == p.arange(E, device=device)).sum(0).to(i64)
         order_N = experts_N.argsort(stable=True).to(i64)
         capacity = self.capacity(shape[0])
         if capacity is not None and capacity < n:
             # A pair's rank inside its expert's (token-ordered) run decides: the first `capacity` stay. Only
             # tensor ops, so no host sync is needed to find the overflow.
             start_E = counts_E.cumsum(0) - counts_E
-            rank_N = p.arange(n) - start_E[experts_N[order_N]]
+            rank_N = p.arange(n, device=device) - start_E[experts_N[order_N]]
             order_N = order_N[rank_N < capacity]
             counts_E = counts_E.clamp(max=capacity)
         return top_scores_TK.reshape(-1)[order_N], order_N + token_offset * self.top_k, counts_E
