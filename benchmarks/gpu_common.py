@@ -65,6 +65,20 @@ def rel_err(got, want) -> float:
     return err if err == err else float("inf")
 
 
+def elapsed_us(fn) -> float:
+    """Microseconds of one call of ``fn``: CUDA events on a GPU (``DEV``), the wall clock elsewhere."""
+    if DEV.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
 class Clock:
     """CUDA-event timings of a region; per-rank medians gathered so the report can take the max over ranks."""
 
@@ -79,17 +93,7 @@ class Clock:
         for _ in range(iters):
             if barrier:
                 self.p.barrier()
-            if DEV.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) * 1e3)  # microseconds
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e6)
+            samples.append(elapsed_us(fn))
         mine = torch.tensor([statistics.median(samples), min(samples), max(samples)], dtype=torch.float64,
                             device=DEV)
         every = self.p.all_gather_into_tensor(mine).reshape(self.world, 3)

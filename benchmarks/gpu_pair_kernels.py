@@ -15,36 +15,24 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
 os.environ.setdefault("HYPER_PARALLEL_PLATFORM", "torch")
 
 import torch  # noqa: E402
+import gpu_common as common  # noqa: E402
 from gpu_common import SHAPES, rel_err  # noqa: E402
 
 from hyper_parallel.kernels import Kernels  # noqa: E402
 from platform_adapters.torch import TorchPlatform  # noqa: E402
 
 
-def timed(fn, iters: int, warmup: int, dev) -> float:
+def timed(fn, iters: int, warmup: int) -> float:
+    """Median microseconds of ``iters`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+    return statistics.median(common.elapsed_us(fn) for _ in range(iters))
 
 
 def step(kernels, x, rows, scores, pairs, gy, K, dtype=None):
@@ -77,9 +65,9 @@ def run_shape(name: str, shape, args, dev) -> None:
     times = {}
     for _ in range(args.rounds):
         for label, kernels in (("reference", reference), ("fused", fused)):
-            us = timed(lambda k=kernels: step(k, x, rows, scores, pairs, gy, K), args.iters, args.warmup, dev)
+            us = timed(lambda k=kernels: step(k, x, rows, scores, pairs, gy, K), args.iters, args.warmup)
             times[label] = min(times.get(label, us), us)
-    floor = timed(lambda: rows.clone(), args.iters, args.warmup, dev)
+    floor = timed(lambda: rows.clone(), args.iters, args.warmup)
     print(f"{name}: T={T} K={K} D={D}, N={N} bf16 rows | worst rel err vs fp32: reference {errs['reference']:.2e}, "
           f"fused {errs['fused']:.2e}")
     print(f"  gather_pairs + combine_pairs fwd+bwd: reference {times['reference']:.0f} us, fused {times['fused']:.0f} "
@@ -94,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two implementations")
     args = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = common.DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in args.shapes.split(","):
         run_shape(name, SHAPES[name], args, dev)
     return 0

@@ -155,22 +155,29 @@ INTERPRETED_CASES = [  # (counts_RE rank-major, R, E)
 """The fixed inputs of the interpreted kernel; the subprocess adds seeded random ones."""
 
 
-def test_triton_kernel_under_the_interpreter():
-    """The fused Triton index build on CPU tensors under ``TRITON_INTERPRET=1``, against the neutral reference:
-    called directly without padding (align 1), and through the adapter's forced ``"triton"`` build with padding
-    (align 16).
-
-    In a subprocess: Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` defines the kernel, which happens when
-    the adapter is imported, long before this test runs. Setting it for the whole session instead would also turn
-    every real GPU kernel of a CUDA run into an interpreted one.
-    """
+def run_interpreted(script: str, **env) -> str:
+    """``script`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton reads it when ``@triton.jit`` defines a
+    kernel, which happens when the adapter is imported, long before a test runs; setting it for the whole session
+    would also turn every real GPU kernel of a CUDA run into an interpreted one); its stdout. Skips where Triton has
+    no wheel; fails where it should be installed and is not."""
     if importlib.util.find_spec("triton") is None:
         if TRITON_HAS_WHEELS:
             pytest.fail("triton is not installed, but it is a test dependency on this platform "
-                        "(pip install -e '.[test]'): the Triton index build would go untested")
+                        "(pip install -e '.[test]'): the Triton kernels would go untested")
         pytest.skip(f"Triton publishes no wheel for {sys.platform} {platform.machine()} "
                     f"Python {sys.version_info[0]}.{sys.version_info[1]}")
-    script = textwrap.dedent("""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, TRITON_INTERPRET="1", **env),
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_triton_kernel_under_the_interpreter():
+    """The fused Triton index build on CPU tensors under ``TRITON_INTERPRET=1`` (:func:`run_interpreted`), against
+    the neutral reference: called directly without padding (align 1), and through the adapter's forced ``"triton"``
+    build with padding (align 16)."""
+    stdout = run_interpreted("""
         import os, random, torch
         assert os.environ["TRITON_INTERPRET"] == "1"
         from platform_adapters import torch as adapter
@@ -193,12 +200,7 @@ def test_triton_kernel_under_the_interpreter():
                 checked += 1
         print(f"interpreted kernel matches the reference in {checked} cases")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    want = 2 * (len(INTERPRETED_CASES) + 20)
-    assert f"interpreted kernel matches the reference in {want} cases" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert f"interpreted kernel matches the reference in {2 * (len(INTERPRETED_CASES) + 20)} cases" in stdout, stdout
 
 
 @pytest.mark.parametrize("device,nbytes,mode", [("cuda", 8 * 256, "pinned"), ("cuda", 1 << 20, "pinned"),
@@ -387,12 +389,8 @@ def test_permute_rows_kernel_under_the_interpreter():
     """The Triton block copy (``permute_rows_triton``) on CPU tensors under ``TRITON_INTERPRET=1``: both directions
     against the neutral ``Kernels.permute_rows`` (bit for bit, padding slots zero), then forced through the
     platform (``permute_rows_impl="triton"``) in dispatch's permute / unpermute with values and gradients against
-    the brute-force reference. In a subprocess, as the index-build kernel's test above says why."""
-    if importlib.util.find_spec("triton") is None:
-        if TRITON_HAS_WHEELS:
-            pytest.fail("triton is not installed, but it is a test dependency on this platform")
-        pytest.skip(f"Triton publishes no wheel for {sys.platform} {platform.machine()}")
-    script = textwrap.dedent("""
+    the brute-force reference (:func:`run_interpreted`)."""
+    stdout = run_interpreted("""
         import os, random, torch
         assert os.environ["TRITON_INTERPRET"] == "1"
         from hyper_parallel import get_platform
@@ -425,13 +423,9 @@ def test_permute_rows_kernel_under_the_interpreter():
             pc._check(counts, R, E, align, 3)
             checked += 1
         print(f"interpreted block copy matches the references in {checked} cases")
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1", HYPER_PARALLEL_PLATFORM="torch")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    m = re.search(r"interpreted block copy matches the references in (\d+) cases", out.stdout)
-    assert m and int(m.group(1)) >= 15, out.stdout + out.stderr[-3000:]
+    """, HYPER_PARALLEL_PLATFORM="torch")
+    m = re.search(r"interpreted block copy matches the references in (\d+) cases", stdout)
+    assert m and int(m.group(1)) >= 15, stdout
 
 
 def test_the_torchtitan_comparison_runs_both_pipelines_to_the_same_numbers(tmp_path):
@@ -474,13 +468,9 @@ def test_pair_kernels_under_the_interpreter():
     """The Triton pair kernels (``gather_pairs``' backward and ``combine_pairs`` forward and backward) on CPU tensors
     under ``TRITON_INTERPRET=1`` against the neutral references, values and every gradient, float32 and bf16: tokens
     with no kept pair, one choice (K=1), rows wider than one column block; then forced through the platform
-    (``pairs_impl="triton"``) in a whole MoE layer against the same layer on the references. In a subprocess, as the
-    index-build kernel's test above says why."""
-    if importlib.util.find_spec("triton") is None:
-        if TRITON_HAS_WHEELS:
-            pytest.fail("triton is not installed, but it is a test dependency on this platform")
-        pytest.skip(f"Triton publishes no wheel for {sys.platform} {platform.machine()}")
-    script = textwrap.dedent("""
+    (``pairs_impl="triton"``) in a whole MoE layer against the same layer on the references. Under
+    :func:`run_interpreted`."""
+    stdout = run_interpreted("""
         import os, torch
         assert os.environ["TRITON_INTERPRET"] == "1"
         from hyper_parallel import get_platform
@@ -528,9 +518,5 @@ def test_pair_kernels_under_the_interpreter():
         for g, w in zip(*results):
             assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), (g - w).abs().max()
         print(f"interpreted pair kernels match the references in {checked + 1} cases")
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1", HYPER_PARALLEL_PLATFORM="torch")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "interpreted pair kernels match the references in 9 cases" in out.stdout, out.stdout + out.stderr[-3000:]
+    """, HYPER_PARALLEL_PLATFORM="torch")
+    assert "interpreted pair kernels match the references in 9 cases" in stdout, stdout
