@@ -38,6 +38,29 @@ class Kernels:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
 
+    def expert_counts(self, ids, num_experts: int):
+        """How many entries of ``ids`` (an integer tensor of any shape, values in ``[0, num_experts)``) name each
+        expert; int64 ``[num_experts]``, on ``ids``' device. Bookkeeping: no gradient flows through it.
+
+        The reference compares every id with every expert (``[N, E]`` booleans) and sums: no scatter, whose in-place
+        forms differ across frameworks.
+        """
+        p = self.platform
+        device = getattr(ids, "device", None)
+        if 0 in tuple(ids.shape):  # a sum over zero rows is not reliably 0 on every backend
+            return p.zeros((num_experts,), dtype="int64", device=device)
+        return (ids.reshape(-1, 1) == p.arange(num_experts, device=device)).sum(0).to(p.dtype("int64"))
+
+    def stable_order(self, ids_N):
+        """The order that sorts the 1-D integer tensor ``ids_N`` ascending, ties in their original order; int64
+        ``[N]``. Bookkeeping: no gradient flows through it."""
+        return ids_N.argsort(stable=True).to(self.platform.dtype("int64"))
+
+    def convert(self, x, dtype: str):
+        """``x`` in ``dtype`` (a name, e.g. ``"int64"``), for bookkeeping tensors no gradient flows through: top-k's
+        indices, counts, comparison masks. Differentiable values keep the framework's own cast."""
+        return x.to(self.platform.dtype(dtype))
+
     def use_fused_permute(self, counts_RE) -> bool:
         """Whether dispatch moves its rows with :meth:`permute_rows` (block copies, offsets from the device counts)
         instead of building an index and gathering through it. The reference: never (an adapter with a fused

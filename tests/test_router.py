@@ -105,3 +105,8 @@ def test_losses_on_every_backend(worlds, backend):
 @pytest.mark.backends("torch", "mindspore")
 def test_errors_on_every_backend(worlds, backend):
     assert worlds.run(backend, 2, rc.error_cases) == [len(rc.ERRORS)] * 2
+
+
+@pytest.mark.backends("torch", "mindspore")
+def test_bookkeeping_kernels_on_every_backend(worlds, backend):
+    assert worlds.run(backend, 2, rc.bookkeeping_kernel_cases, 0) == [10] * 2

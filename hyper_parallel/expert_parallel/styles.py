@@ -273,15 +273,13 @@ def _expert_of_row(counts, rows):
 def _sort_pairs(index_TK, num_experts: int):
     """``(pair order [N], counts per expert [G], each sorted pair's expert [N])`` for top-k expert ids."""
     p = get_platform()
-    i64 = p.dtype("int64")
-    ids_N = index_TK.reshape(-1).to(i64)
+    ids_N = p.kernels.convert(index_TK.reshape(-1), "int64")
     device = getattr(index_TK, "device", None)
     if ids_N.shape[0] == 0:
         empty = p.zeros((0,), dtype="int64", device=device)
         return empty, p.zeros((num_experts,), dtype="int64", device=device), empty
-    order_N = ids_N.argsort(stable=True).to(i64)
-    counts_G = (ids_N.reshape(-1, 1) == p.arange(num_experts, device=device)).sum(0).to(i64)
-    return order_N, counts_G, ids_N[order_N]
+    order_N = p.kernels.stable_order(ids_N)
+    return order_N, p.kernels.expert_counts(ids_N, num_experts), ids_N[order_N]
 
 
 def _sum_pairs(rows_N, pairs: _Pairs):

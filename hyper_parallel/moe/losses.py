@@ -151,10 +151,11 @@ def update_expert_bias(expert_bias_E, num_tokens_per_expert_E, update_rate: floa
     if isinstance(update_rate, bool) or not isinstance(update_rate, (int, float)) or not math.isfinite(update_rate) \
             or update_rate < 0:
         raise ValueError(f"update_expert_bias: update_rate must be a finite number >= 0, got {update_rate!r}")
-    load_E = num_tokens_per_expert_E.float()
+    k = get_platform().kernels
+    load_E = k.convert(num_tokens_per_expert_E, "float32")
     gap_E = load_E.mean(0) - load_E
     # sign() spelled with comparisons: shared by every backend, and exactly 0 at the mean
-    delta_E = ((gap_E > 0).float() - (gap_E < 0).float()) * update_rate
+    delta_E = (k.convert(gap_E > 0, "float32") - k.convert(gap_E < 0, "float32")) * update_rate
     if center:
         delta_E = delta_E - delta_E.mean(0)
     return expert_bias_E + delta_E.to(expert_bias_E.dtype)

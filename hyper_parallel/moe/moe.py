@@ -130,7 +130,8 @@ class MoEMixin:
         # side effects once per real step: not again when activation checkpointing re-runs this forward in backward
         recomputing = p.recompute_phase() == "again"
         if self.expert_bias is not None and not recomputing:
-            p.assign(self.tokens_per_expert, self.tokens_per_expert + num_tokens_per_expert_E.float())
+            p.assign(self.tokens_per_expert,
+                     self.tokens_per_expert + p.kernels.convert(num_tokens_per_expert_E, "float32"))
         sp_mesh = sequence_parallel_mesh_of(self.reorderer)
         x_routed_TD = x_TD
         if sp_mesh is not None:

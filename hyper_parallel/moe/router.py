@@ -147,7 +147,7 @@ class TokenChoiceTopKRouterMixin:
             group_score_TG = grouped_TGX.topk(2)[0].sum(-1)
         else:  # DeepSeek-V2 group-limited greedy: a group is as good as its best expert
             group_score_TG = grouped_TGX.amax(-1)
-        kept_TL = group_score_TG.topk(self.num_limited_groups)[1].to(p.dtype("int64"))
+        kept_TL = p.kernels.convert(group_score_TG.topk(self.num_limited_groups)[1], "int64")
         # one-hot by comparison (no scatter: its in-place forms differ across frameworks)
         dropped_TG = (kept_TL.unsqueeze(-1) == p.arange(G, device=getattr(kept_TL, "device", None))).sum(1) == 0
         masked_TGX = grouped_TGX.masked_fill(dropped_TG.unsqueeze(-1), float("-inf"))
@@ -169,19 +169,14 @@ class TokenChoiceTopKRouterMixin:
             ValueError: ``x_TD`` is not ``[T, dim]`` or ``expert_bias`` is not ``[E]``.
         """
         p = get_platform()
-        i64 = p.dtype("int64")
         scores_TE, choice_TE = self.choices(x_TD, expert_bias)
-        selected_TK = choice_TE.topk(self.top_k)[1].to(i64)
+        selected_TK = p.kernels.convert(choice_TE.topk(self.top_k)[1], "int64")
         top_scores_TK = scores_TE.gather(1, selected_TK)
         if self.route_norm:
             # the epsilon keeps an all-zero row (sigmoid underflow) finite
             top_scores_TK = top_scores_TK / (top_scores_TK.sum(-1, keepdim=True) + 1e-20)
         top_scores_TK = top_scores_TK * self.route_scale
-        if x_TD.shape[0] == 0:  # a sum over zero pairs is not reliably 0 on every backend
-            counts_E = p.zeros((self.num_experts,), dtype="int64", device=getattr(x_TD, "device", None))
-        else:
-            experts_E = p.arange(self.num_experts, device=getattr(selected_TK, "device", None))
-            counts_E = (selected_TK.reshape(-1, 1) == experts_E).sum(0).to(i64)
+        counts_E = p.kernels.expert_counts(selected_TK, self.num_experts)  # zeros for zero tokens
         if self.loss_tracker is not None:
             phase = p.recompute_phase()
             if phase == "first":
@@ -242,7 +237,7 @@ class TokenReordererMixin:
             ValueError: the two inputs are not both ``[T, top_k]``.
         """
         p = get_platform()
-        i64, E = p.dtype("int64"), self.num_experts
+        E = self.num_experts
         shape = tuple(selected_experts_TK.shape)
         if len(shape) != 2 or shape[1] != self.top_k or tuple(top_scores_TK.shape) != shape:
             raise ValueError(f"TokenReorderer: top_scores and selected_experts must both have shape [tokens, "
@@ -252,9 +247,9 @@ class TokenReordererMixin:
         if n == 0:  # zero-size sorts, sums and indexing are traps on some backends
             return (zeros_connected(top_scores_TK, (0,)), p.zeros((0,), dtype="int64", device=device),
                     p.zeros((E,), dtype="int64", device=device))
-        experts_N = selected_experts_TK.reshape(-1).to(i64)
-        counts_E = (experts_N.reshape(-1, 1) == p.arange(E, device=device)).sum(0).to(i64)
-        order_N = experts_N.argsort(stable=True).to(i64)
+        experts_N = p.kernels.convert(selected_experts_TK.reshape(-1), "int64")
+        counts_E = p.kernels.expert_counts(experts_N, E)
+        order_N = p.kernels.stable_order(experts_N)
         capacity = self.capacity(shape[0])
         if capacity is not None and capacity < n:
             # A pair's rank inside its expert's (token-ordered) run decides: the first `capacity` stay. Only

@@ -297,3 +297,40 @@ def error_cases() -> int:
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
     return len(ERRORS)
+
+
+def bookkeeping_kernel_cases(seed: int = 0) -> int:
+    """The platform's bookkeeping kernels (``expert_counts``, ``stable_order``, ``convert``: the MindSpore adapter
+    runs them through NumPy on CPU) against NumPy and against the neutral references run on the same platform:
+    ids outside ``[0, E)``, ties, no ids, int32 and int64 inputs, masks."""
+    from hyper_parallel.kernels import Kernels
+
+    p = get_platform()
+    rng = _rng(seed)
+    checked = 0
+    for kernels in (p.kernels, Kernels(p)):  # the platform's, then the references on this platform
+        for n, E, dtype in ((1, 1, "int64"), (37, 5, "int64"), (64, 8, "int32"), (200, 3, "int32")):
+            ids_np = rng.randint(0, E, n)
+            ids_np[:3] = [E, -1, E + 2][:n] if n >= 3 else ids_np[:3]  # out of range: counted nowhere
+            ids = _t(ids_np, dtype)
+            counts = kernels.expert_counts(ids, E)
+            assert p.dtype_name(counts.dtype) == "int64", p.dtype_name(counts.dtype)
+            want = np.array([(ids_np == e).sum() for e in range(E)])
+            assert p.tolist(counts) == want.tolist(), (type(kernels).__name__, n, E, dtype)
+            assert p.tolist(kernels.expert_counts(ids.reshape(1, -1), E)) == want.tolist()
+            order = kernels.stable_order(ids)
+            assert p.dtype_name(order.dtype) == "int64"
+            assert p.tolist(order) == np.argsort(ids_np, kind="stable").tolist(), (type(kernels).__name__, n)
+            for to in ("int64", "int32", "float32"):
+                got = kernels.convert(ids, to)
+                assert p.dtype_name(got.dtype) == to and p.tolist(got) == ids_np.astype(to).tolist()
+            mask = kernels.convert(_t(ids_np, "float32") > 1.5, "float32")
+            assert p.tolist(mask) == (ids_np > 1.5).astype(np.float32).tolist()
+            checked += 1
+        none = kernels.expert_counts(p.zeros((0,), dtype="int64"), 4)
+        assert p.tolist(none) == [0, 0, 0, 0] and p.dtype_name(none.dtype) == "int64"
+        # a float value keeps its gradient through convert (the framework's own cast)
+        _, (g,), _ = p.value_and_grad(lambda x: (kernels.convert(x, "float32") * 3.0).sum(), [_t([1.0, 2.0])])
+        assert p.tolist(g) == [3.0, 3.0]
+        checked += 1
+    return checked
