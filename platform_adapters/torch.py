@@ -185,6 +185,11 @@ class TorchKernels(Kernels):
             self._broken_impls = self._broken_impls | {name}
             return reference()
 
+    def take_rows(self, x, index_N):
+        # on CPU index_select: 16 us against 100 us for x[i] at 1,024 x 128 float32 rows, 484 against 1,437 at 16,384
+        # (one thread, 2026-12-01); the same values. On CUDA both are one gather kernel: the reference.
+        return x[index_N] if x.is_cuda else torch.index_select(x, 0, index_N)
+
     def swiglu(self, h, g):
         # on CUDA one fused silu kernel instead of a sigmoid and two multiplies, each a pass over [N, H] (and
         # fewer saved tensors for backward); elsewhere the reference, so CPU results stay those of every backend

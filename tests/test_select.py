@@ -129,7 +129,7 @@ def test_platform_is_abstract_and_the_contract_comes_in_three_groups():
     # 2. what it MAY replace: the kernels, each with a neutral reference
     assert sorted(n for n in dir(Kernels) if not n.startswith("_")) == [
         "combine_pairs", "convert", "expert_counts", "gate_up", "gather_pairs", "grouped_mm", "host_index_build",
-        "matmul", "permute_rows", "permute_slots", "stable_order", "swiglu", "use_fused_permute"]
+        "matmul", "permute_rows", "permute_slots", "stable_order", "swiglu", "take_rows", "use_fused_permute"]
     # 3. what is written once on top: plain functions
     assert all(callable(getattr(functional, n)) for n in functional.__all__)
     assert "all_to_all_single_autograd" in functional.__all__

@@ -143,17 +143,17 @@ def _gather_slots(x_TD, indices: PermuteIndices):
     if indices.fused:
         return _moved(x_TD, indices, to_expert_major=True)
     if indices.num_slots == indices.num_rows:  # no padding: a pure permutation, no zero row to append
-        return x_TD[indices.source_row_P]
+        return get_platform().kernels.take_rows(x_TD, indices.source_row_P)
     p = get_platform()
     zero_row = p.zeros((1, *x_TD.shape[1:]), dtype=p.dtype_name(x_TD.dtype), device=getattr(x_TD, "device", None))
-    return p.cat([x_TD, zero_row])[indices.source_row_P]
+    return p.kernels.take_rows(p.cat([x_TD, zero_row]), indices.source_row_P)
 
 
 def _gather_rows(y_PD, indices: PermuteIndices):
     """``[P, D]`` -> ``[T, D]``: row ``t`` reads slot ``slot_of_row_T[t]`` (padding slots are dropped)."""
     if indices.fused:
         return _moved(y_PD, indices, to_expert_major=False)
-    return y_PD[indices.slot_of_row_T]
+    return get_platform().kernels.take_rows(y_PD, indices.slot_of_row_T)
 
 
 def _moved(x, indices: PermuteIndices, *, to_expert_major: bool):

@@ -301,8 +301,9 @@ def error_cases() -> int:
 
 def bookkeeping_kernel_cases(seed: int = 0) -> int:
     """The platform's bookkeeping kernels (``expert_counts``, ``stable_order``, ``convert``: the MindSpore adapter
-    runs them through NumPy on CPU) against NumPy and against the neutral references run on the same platform:
-    ids outside ``[0, E)``, ties, no ids, int32 and int64 inputs, masks."""
+    runs them through NumPy on CPU) and ``take_rows`` (torch on CPU: ``index_select``) against NumPy and against the
+    neutral references run on the same platform: ids outside ``[0, E)``, ties, no ids, int32 and int64 inputs,
+    masks, repeated rows and their gradient."""
     from hyper_parallel.kernels import Kernels
 
     p = get_platform()
@@ -332,5 +333,15 @@ def bookkeeping_kernel_cases(seed: int = 0) -> int:
         # a float value keeps its gradient through convert (the framework's own cast)
         _, (g,), _ = p.value_and_grad(lambda x: (kernels.convert(x, "float32") * 3.0).sum(), [_t([1.0, 2.0])])
         assert p.tolist(g) == [3.0, 3.0]
+        # take_rows: values and the gradient (repeated rows accumulate)
+        x_np, idx_np = rng.randn(6, 3), np.array([4, 0, 0, 5, 2, 4, 4])
+        w_np = rng.randn(len(idx_np), 3)
+        idx, w = _t(idx_np, "int64"), _t(w_np)
+        value, (g,), _ = p.value_and_grad(lambda x: (kernels.take_rows(x, idx) * w).sum(), [_t(x_np)])
+        np.testing.assert_allclose(float(_host(value)), (x_np[idx_np] * w_np).sum(), **TOL)
+        want_g = np.zeros_like(x_np)
+        np.add.at(want_g, idx_np, w_np)
+        np.testing.assert_allclose(_host(g), want_g, **TOL)
+        np.testing.assert_array_equal(_host(kernels.take_rows(_t(x_np), idx)), x_np[idx_np].astype(np.float32))
         checked += 1
     return checked
