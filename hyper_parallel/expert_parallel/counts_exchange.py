@@ -25,6 +25,7 @@ single collective that an all-to-all of the counts needed before.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.platform import DTYPE_NAMES, Group
@@ -91,7 +92,8 @@ def exchange_counts(routed_input_ND, num_tokens_per_expert_G, group: Group, num_
     me = group.ranks.index(p.get_rank())
     counts_RE = gathered.reshape(R, width)[:, me * E:(me + 1) * E].reshape(-1)
     return ExchangedCounts(counts_RE=counts_RE, host_counts_G=tuple(table[me][:G]),
-                           host_counts_RE=tuple(c for j in range(R) for c in table[j][me * E:(me + 1) * E]))
+                           host_counts_RE=tuple(itertools.chain.from_iterable(row[me * E:(me + 1) * E]
+                                                                              for row in table)))
 
 
 def _raise_on_disagreement(table: list[list[int]], G: int, group: Group) -> None:

@@ -24,6 +24,7 @@ appended zero row, so they contribute nothing and receive no gradient.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
@@ -84,7 +85,7 @@ def _check(counts: Sequence[int], num_ranks: int, num_local_experts: int, align:
     if len(counts) != num_ranks * num_local_experts:
         raise ValueError(f"counts must have num_ranks * num_local_experts = {num_ranks} * {num_local_experts} = "
                          f"{num_ranks * num_local_experts} entries (rank-major), got {len(counts)}")
-    if any(c < 0 for c in counts):
+    if counts and min(counts) < 0:
         raise ValueError(f"token counts must be non-negative, got {list(counts)}")
     if align not in ALIGNMENTS:
         raise ValueError(f"align must be one of {list(ALIGNMENTS)}, got {align!r}")
@@ -106,14 +107,14 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
         ValueError: counts of the wrong length or negative; an unsupported ``align``.
     """
     p = get_platform()
-    host_counts_RE = [int(c) for c in host_counts_RE]
+    host_counts_RE = list(map(int, host_counts_RE))
     _check(host_counts_RE, num_ranks, num_local_experts, align)
     R, E = num_ranks, num_local_experts
-    tokens_per_expert = [sum(host_counts_RE[e::E]) for e in range(E)]
+    # built-ins over the lists, no Python loop per expert: this runs on the host between dispatch's sync and the
+    # permute (hundreds of experts, on every dispatch)
+    tokens_per_expert = list(map(sum, zip(*(host_counts_RE[r * E:(r + 1) * E] for r in range(R)))))
     per_expert = aligned_counts(tokens_per_expert, align)
-    offsets = [0] * E
-    for e in range(1, E):
-        offsets[e] = offsets[e - 1] + per_expert[e - 1]
+    offsets = [0, *itertools.accumulate(per_expert[:-1])]
     T, P = sum(tokens_per_expert), sum(per_expert)
     device = getattr(counts_RE, "device", None)
     if T and p.kernels.use_fused_permute(counts_RE):
