@@ -400,8 +400,9 @@ def test_permute_rows_kernel_under_the_interpreter():
         from tests.test_torch_cuda_paths import neutral_slots
         reference = Kernels(adapter.TorchPlatform())
         rng = random.Random(1)
-        checked = 0
-        for _ in range(12):
+        from platform_adapters import _torch_cuda
+        checked, config = 0, _torch_cuda.PERMUTE_ROWS_CONFIG
+        for case in range(16):
             R, E = rng.randint(1, 4), rng.randint(1, 6)
             counts = [rng.choice([0, 0, 1, 3, 17]) for _ in range(R * E)]
             if not sum(counts):
@@ -411,12 +412,16 @@ def test_permute_rows_kernel_under_the_interpreter():
             T = sum(counts)
             P = T if align == 1 else sum(max(align, -(-sum(counts[e::E]) // align) * align) for e in range(E))
             D = rng.choice([1, 5, 33])
+            # 16-column steps (several per row, the last one partial) or whole rows; 3 or 4 programs per block (the
+            # interpreter runs programs one by one: the package's 64 are left to the platform cases below)
+            _torch_cuda.PERMUTE_ROWS_CONFIG = (3, 64, 1) if case % 2 else (4, 16, 1)
             for to_expert_major, rows in ((True, T), (False, P)):
                 x = torch.randn(rows, D)
                 args = (counts_t, R, E, offsets_t, T, P, to_expert_major)
                 got, want = adapter.permute_rows_triton(x, *args), reference.permute_rows(x, *args)
-                assert got.dtype == x.dtype and torch.equal(got, want), (counts, R, E, align, to_expert_major)
+                assert got.dtype == x.dtype and torch.equal(got, want), (counts, R, E, align, to_expert_major, D)
                 checked += 1
+        _torch_cuda.PERMUTE_ROWS_CONFIG = config
         kernels = get_platform().kernels
         kernels.permute_rows_impl = "triton"  # forced: every permute and unpermute below runs the kernel
         for counts, R, E, align in (([1, 2, 3, 0], 2, 2, 1), ([1, 2, 3, 0], 2, 2, 8), ([0, 5, 0, 2, 4, 1], 3, 2, 1)):
