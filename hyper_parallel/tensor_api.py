@@ -25,7 +25,7 @@ SHARED_TENSOR_METHODS = {
     "sigmoid": "sigmoid()",
     "exp": "exp()",
     "log": "log()",
-    "topk": "topk(k) along the last dim; indices are int32 on MindSpore: convert with .to(dtype('int64'))",
+    "topk": "topk(k) along the last dim; indices are int32 on MindSpore: convert with kernels.convert(i, 'int64')",
     "argsort": "argsort(stable=True); int32 on MindSpore",
     "float": "float() -> float32",
     "to": "to(native_dtype)",

@@ -529,7 +529,8 @@ class TorchPlatform(Platform):
 
     def profile_range(self, name: str):
         # a range costs 5-7 us of host time even with no profiler running (a dispatch + combine opens five, a MoE
-        # layer's forward five more): none then. torch.profiler and emit_nvtx both turn this on.
-        if not torch.autograd._profiler_enabled():
+        # layer's forward five more): none then. torch.profiler and emit_nvtx both turn this on. torch.compile ignores
+        # ranges (with a warning), and asking the profiler there would break the graph: none either.
+        if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
             return contextlib.nullcontext()
         return torch.profiler.record_function(name)

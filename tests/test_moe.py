@@ -32,3 +32,8 @@ def test_moe_reorderer_sequence_parallel_uneven_tokens(worlds, backend, nproc):
 
 def test_expert_bias_update_and_batched_aux_loss(worlds, backend):
     worlds.run(backend, 2, mc.bias_update_and_aux_loss)
+
+
+@pytest.mark.backends("torch")
+def test_torch_compile_matches_eager(worlds, backend):
+    assert worlds.run(backend, 2, mc.compiled_matches_eager) == [8, 8]

@@ -120,3 +120,41 @@ def bias_update_and_aux_loss() -> bool:
     assert p.tolist(moe.tokens_per_expert) == [0.0] * E  # the counted loads were consumed
     assert world >= 2
     return True
+
+
+def compiled_matches_eager() -> int:
+    """torch only: the MoE layer under ``torch.compile`` (the ``aot_eager`` backend: dynamo's tracing and AOT autograd,
+    no code generation, so no C compiler is needed) gives the eager layer's output and every gradient bit for bit,
+    twice in a row, on a single device and under ExpertParallel on every rank; with the router's groups, capacity
+    and expert bias, and shared experts."""
+    import torch
+
+    p = get_platform()
+    world = p.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    checked = 0
+    for parallel in (False, True):
+        for options in ({}, dict(num_shared_experts=1, num_expert_groups=4, num_limited_groups=2, capacity_factor=1.0,
+                                 use_expert_bias=True, score_func="sigmoid")):
+            moe = MoE(dim=D, hidden_dim=H, num_experts=E, top_k=K, init_std=0.5, seed=0, **options)
+            if parallel:
+                ExpertParallel().apply(moe.experts, mesh)
+            x = torch.from_numpy(np.random.RandomState(p.get_rank()).randn(T, D).astype(np.float32))
+
+            def run(fn, moe=moe, x=x):
+                for q in moe.parameters():
+                    q.grad = None
+                leaf = x.clone().requires_grad_()
+                out = fn(leaf)
+                out.square().sum().backward()
+                return [out.detach(), leaf.grad] + [q.grad.clone() for q in moe.parameters() if q.grad is not None]
+
+            eager = run(moe)
+            compiled = torch.compile(moe, backend="aot_eager")
+            for _ in range(2):
+                got = run(compiled)
+                assert len(got) == len(eager) and all(torch.equal(a, b) for a, b in zip(got, eager)), \
+                    (parallel, options, [float((a - b).abs().max()) for a, b in zip(got, eager)])
+                checked += 1
+            torch._dynamo.reset()
+    return checked
