@@ -89,11 +89,22 @@ class Kernels:
             counts_RE: int64 ``[R*E]`` rows from rank r for local expert e (rank-major); they sum to ``num_rows``.
             num_ranks: R.
             num_local_experts: E.
-            expert_offsets_E: int64 ``[E]`` start slot of each expert's group (padding included).
+            expert_offsets_E: int64 ``[E]`` start slot of each expert's group (padding included); or None when
+                there is no padding (``num_slots == num_rows``): each group starts where the previous expert's rows
+                end, which the kernel derives from ``counts_RE`` (no offsets copied to the device per dispatch).
             num_rows: T > 0.
             num_slots: P >= T.
             to_expert_major: the direction.
+
+        Raises:
+            ValueError: ``expert_offsets_E`` is None but there are padding slots.
         """
+        if expert_offsets_E is None:
+            if num_slots != num_rows:
+                raise ValueError(f"permute_rows: expert_offsets_E may be None only without padding slots, got "
+                                 f"{num_slots} slots for {num_rows} rows")
+            per_expert_E = counts_RE.reshape(num_ranks, num_local_experts).sum(0)
+            expert_offsets_E = per_expert_E.cumsum(0) - per_expert_E
         slots_T = self.permute_slots(counts_RE, num_ranks, num_local_experts, num_rows, expert_offsets_E)
         if not to_expert_major:
             return self.take_rows(x, slots_T)

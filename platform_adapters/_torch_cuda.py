@@ -119,20 +119,31 @@ class GraphedSlots:  # pragma: no cover - needs a CUDA device; benchmarks/gpu_ep
 if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests run it under TRITON_INTERPRET=1
 
     @triton.jit
-    def _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    def _block_starts(counts_ptr, offsets_ptr, block, num_blocks, NUM_LOCAL_EXPERTS: tl.constexpr,
+                      CHUNK: tl.constexpr, HAS_OFFSETS: tl.constexpr):
         """Where (rank, expert) block ``block`` (rank-major) starts in the rank-major rows (the sum of the counts
         before it) and in the expert-major slots (its expert's group start plus the counts of the same expert from
-        lower ranks)."""
+        lower ranks). Without ``HAS_OFFSETS`` there is no padding: an expert's group starts after every row of the
+        experts before it, summed here over all ``num_blocks`` counts (no offsets tensor to copy to the device)."""
         expert = block % NUM_LOCAL_EXPERTS
         lane = tl.arange(0, CHUNK)
         before = tl.zeros([CHUNK], dtype=tl.int64)
-        same_expert_before = tl.zeros([CHUNK], dtype=tl.int64)
-        for first in range(0, block, CHUNK):
+        slot = tl.zeros([CHUNK], dtype=tl.int64)
+        limit = num_blocks
+        if HAS_OFFSETS:
+            limit = block
+        for first in range(0, limit, CHUNK):
             idx = first + lane
-            n = tl.load(counts_ptr + idx, mask=idx < block, other=0).to(tl.int64)
-            before += n
-            same_expert_before += tl.where(idx % NUM_LOCAL_EXPERTS == expert, n, 0)
-        slot_start = tl.load(offsets_ptr + expert).to(tl.int64) + tl.sum(same_expert_before, axis=0)
+            n = tl.load(counts_ptr + idx, mask=idx < limit, other=0).to(tl.int64)
+            e = idx % NUM_LOCAL_EXPERTS
+            before += tl.where(idx < block, n, 0)
+            if HAS_OFFSETS:  # the same expert's rows from lower ranks
+                slot += tl.where(e == expert, n, 0)
+            else:  # and every row of the lower experts
+                slot += tl.where((e < expert) | ((e == expert) & (idx < block)), n, 0)
+        slot_start = tl.sum(slot, axis=0)
+        if HAS_OFFSETS:
+            slot_start += tl.load(offsets_ptr + expert).to(tl.int64)
         return tl.sum(before, axis=0), slot_start
 
     @triton.jit(do_not_specialize=["num_rows"])
@@ -141,7 +152,8 @@ if triton is not None:  # pragma: no cover - Triton is no CI dependency; tests r
         # One program per (rank, expert) block, rank-major: each of its rows' slot is the block's destination start
         # plus the row's place in the block.
         block = tl.program_id(0)
-        src_start, dst_start = _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS, CHUNK)
+        src_start, dst_start = _block_starts(counts_ptr, offsets_ptr, block, num_blocks, NUM_LOCAL_EXPERTS, CHUNK,
+                                             True)
         count = tl.load(counts_ptr + block).to(tl.int32)
         k = tl.arange(0, ROWS)
         for first in range(0, count, ROWS):
@@ -181,10 +193,11 @@ if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it unde
     @triton.jit(do_not_specialize=["num_rows", "num_slots", "num_blocks"])
     def _permute_rows_kernel(x_ptr, y_ptr, counts_ptr, offsets_ptr, num_rows, num_slots, num_blocks, D,
                              NUM_LOCAL_EXPERTS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
-                             BLOCK_D: tl.constexpr, TO_EXPERT_MAJOR: tl.constexpr):
+                             BLOCK_D: tl.constexpr, TO_EXPERT_MAJOR: tl.constexpr, HAS_OFFSETS: tl.constexpr):
         # Programs (block, j): block is a (rank, expert) block, rank-major; j copies every SPLIT-th of its rows.
         block = tl.program_id(0)
-        row_start, slot_start = _block_starts(counts_ptr, offsets_ptr, block, NUM_LOCAL_EXPERTS, CHUNK)
+        row_start, slot_start = _block_starts(counts_ptr, offsets_ptr, block, num_blocks, NUM_LOCAL_EXPERTS, CHUNK,
+                                              HAS_OFFSETS)
         count = tl.load(counts_ptr + block).to(tl.int32)
         cols = tl.arange(0, BLOCK_D)
         for i in range(tl.program_id(1), count, SPLIT):
@@ -203,7 +216,8 @@ if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it unde
     def permute_rows_triton(x, counts_RE, num_ranks: int, num_local_experts: int, expert_offsets_E, num_rows: int,
                             num_slots: int, to_expert_major: bool):
         """``Kernels.permute_rows`` in one launch: a copy of every (rank, expert) block of rows, its offsets derived
-        from the counts in the kernel (no index built, none read)."""
+        from the counts in the kernel (no index built, none read; without padding, ``expert_offsets_E`` None, the
+        experts' group starts too)."""
         x = x.contiguous()
         D = x[0].numel() if x.shape[0] else 1
         out_rows = num_slots if to_expert_major else num_rows
@@ -212,12 +226,14 @@ if triton is not None:  # pragma: no cover - compiled on CUDA; tests run it unde
         y = make((out_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
         blocks = num_ranks * num_local_experts
         split, block_d, warps = PERMUTE_ROWS_CONFIG
+        counts = counts_RE.reshape(-1).contiguous()
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _permute_rows_kernel[(blocks, split)](
-                x, y, counts_RE.reshape(-1).contiguous(), expert_offsets_E.contiguous(), num_rows, num_slots, blocks,
-                D, NUM_LOCAL_EXPERTS=num_local_experts, CHUNK=min(1024, triton.next_power_of_2(max(blocks, 16))),
-                SPLIT=split, BLOCK_D=min(block_d, triton.next_power_of_2(D)), TO_EXPERT_MAJOR=to_expert_major,
-                num_warps=warps)
+                x, y, counts, counts if expert_offsets_E is None else expert_offsets_E.contiguous(), num_rows,
+                num_slots, blocks, D, NUM_LOCAL_EXPERTS=num_local_experts,
+                CHUNK=min(1024, triton.next_power_of_2(max(blocks, 16))), SPLIT=split,
+                BLOCK_D=min(block_d, triton.next_power_of_2(D)), TO_EXPERT_MAJOR=to_expert_major,
+                HAS_OFFSETS=expert_offsets_E is not None, num_warps=warps)
         return y
 
 

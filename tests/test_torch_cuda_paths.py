@@ -383,6 +383,11 @@ def test_permute_rows_impl_choice():
     with pytest.raises(ValueError, match=r"permute_rows_impl must be one of \['auto', 'triton', 'gather'\], got "
                                          r"'fused'"):
         kernels.use_fused_permute(counts)
+    # the group starts may be left to the kernel only without padding slots
+    reference = Kernels(adapter.TorchPlatform())
+    with pytest.raises(ValueError, match=r"expert_offsets_E may be None only without padding slots, got 8 slots "
+                                         r"for 3 rows"):
+        reference.permute_rows(torch.zeros(3, 2), counts, 1, 2, None, 3, 8, True)
 
 
 def test_permute_rows_kernel_under_the_interpreter():
@@ -420,6 +425,10 @@ def test_permute_rows_kernel_under_the_interpreter():
                 args = (counts_t, R, E, offsets_t, T, P, to_expert_major)
                 got, want = adapter.permute_rows_triton(x, *args), reference.permute_rows(x, *args)
                 assert got.dtype == x.dtype and torch.equal(got, want), (counts, R, E, align, to_expert_major, D)
+                if P == T:  # no padding: the group starts derived from the counts, in the kernel and the reference
+                    bare = (counts_t, R, E, None, T, P, to_expert_major)
+                    assert torch.equal(adapter.permute_rows_triton(x, *bare), want), (counts, R, E)
+                    assert torch.equal(reference.permute_rows(x, *bare), want), (counts, R, E)
                 checked += 1
         _torch_cuda.PERMUTE_ROWS_CONFIG = config
         kernels = get_platform().kernels

@@ -82,8 +82,8 @@ def exchange_counts(routed_input_ND, num_tokens_per_expert_G, group: Group, num_
         p.zeros((G,), dtype="int64", device=device)  # a row of the agreed size, whatever this rank got
     rows = int(routed_input_ND.shape[0]) if len(routed_input_ND.shape) else 0
     hidden = int(routed_input_ND.shape[1]) if len(routed_input_ND.shape) == 2 else -1
-    header = [rows, hidden, DTYPE_NAMES.index(p.dtype_name(routed_input_ND.dtype)), error, detail]
-    row = p.cat([counts_G.reshape(-1), p.tensor(header, dtype="int64", device=device)])
+    header = (rows, hidden, DTYPE_NAMES.index(p.dtype_name(routed_input_ND.dtype)), error, detail)
+    row = p.cat([counts_G.reshape(-1), _header_tensor(p, header, device)])
     gathered = p.all_gather_into_tensor(row, group=group)
     host = p.tolist(gathered)  # the one device-to-host sync of a dispatch
     width = G + len(_HEADER)
@@ -94,6 +94,21 @@ def exchange_counts(routed_input_ND, num_tokens_per_expert_G, group: Group, num_
     return ExchangedCounts(counts_RE=counts_RE, host_counts_G=tuple(table[me][:G]),
                            host_counts_RE=tuple(itertools.chain.from_iterable(row[me * E:(me + 1) * E]
                                                                               for row in table)))
+
+
+_HEADERS: dict = {}
+"""Header tensors already on a device, by (platform, device, values): a training run's header repeats from step to
+step (the same rows, width and dtype), and a fresh one is a host-to-device copy on every dispatch (~30 us of host
+time on a GPU). Never written to: the exchange concatenates a copy."""
+
+
+def _header_tensor(p, header: tuple, device):
+    key = (p.name, str(device), header)
+    if key not in _HEADERS:
+        if len(_HEADERS) >= 64:  # many shapes (a sweep, varying batch sizes): start again rather than grow
+            _HEADERS.clear()
+        _HEADERS[key] = p.tensor(list(header), dtype="int64", device=device)
+    return _HEADERS[key]
 
 
 def _raise_on_disagreement(table: list[list[int]], G: int, group: Group) -> None:

@@ -57,7 +57,8 @@ class PermuteIndices:
     counts_RE: object = None
     """When ``fused``: int64 ``[R*E]`` rows per (rank, local expert) on the device."""
     offsets_E: object = None
-    """When ``fused``: int64 ``[E]`` ``expert_offsets`` on the device."""
+    """When ``fused`` and padded: int64 ``[E]`` ``expert_offsets`` on the device (None without padding: the kernel
+    derives them from the counts)."""
     num_ranks: int = 0
     """``R``."""
     num_local_experts: int = 0
@@ -118,7 +119,8 @@ def build_permute_indices(counts_RE, host_counts_RE: Sequence[int], num_ranks: i
     T, P = sum(tokens_per_expert), sum(per_expert)
     device = getattr(counts_RE, "device", None)
     if T and p.kernels.use_fused_permute(counts_RE):
-        offsets_E = p.tensor(offsets, dtype="int64", device=device)
+        # without padding the kernel derives the group starts from the counts: no host-to-device copy
+        offsets_E = p.tensor(offsets, dtype="int64", device=device) if P != T else None
         return PermuteIndices(source_row_P=None, slot_of_row_T=None, num_tokens_per_expert=tuple(per_expert),
                               expert_offsets=tuple(offsets), num_rows=T, num_slots=P,
                               counts_RE=counts_RE.reshape(-1), offsets_E=offsets_E, num_ranks=R, num_local_experts=E)
