@@ -84,6 +84,8 @@ class Group:
     """Global ranks of the members, in group-rank order."""
     native: Any = None
     """The framework's handle for this group, or ``None`` on a non-member."""
+    _left: bool = dataclasses.field(default=False, init=False, repr=False)
+    """Set when this process left the group's world (``destroy_process_group``): the handle is dropped then."""
 
     @property
     def size(self) -> int:
@@ -272,6 +274,14 @@ class Platform(abc.ABC):
         new world in the same process afterwards; MindSpore cannot (:meth:`init_process_group` then raises)."""
         if self._world is not None:
             self._destroy_process_group()
+            # Let go of the native handles now, while Python is fully alive: a torch gloo group that a mesh or a
+            # variable keeps until the interpreter shuts down is torn down during finalization, and its worker
+            # threads releasing their last work then abort the process ("terminate called without an active
+            # exception", SIGABRT after the work was done: seen in about one run in four of a script ending with
+            # a dispatch and destroy_process_group on 2 ranks). A Group of the old world refuses to be used.
+            for group in {id(g): g for g in [self._world, *self._groups_by_ranks.values()]}.values():
+                object.__setattr__(group, "native", None)
+                object.__setattr__(group, "_left", True)
             self._world = None
             self._rank = None
             self._groups_by_ranks = {}
@@ -573,6 +583,10 @@ class Platform(abc.ABC):
             return world
         if not isinstance(group, Group):
             raise TypeError(f"{what}: group must be a hyper_parallel Group or None, got {type(group).__name__}")
+        if group._left:
+            raise RuntimeError(f"{what}: the group over ranks {list(group.ranks)} belongs to a world this process "
+                               "left (destroy_process_group()); create it (or its device mesh) again in the current "
+                               "world")
         check.check_group_member(self._rank, group.ranks, what)
         return group
 

@@ -25,6 +25,7 @@ import inspect
 import itertools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -356,6 +357,9 @@ class TorchPlatform(Platform):
         return dist.new_group(list(ranks), sort_ranks=False)
 
     def _destroy_process_group(self) -> None:
+        dcp = sys.modules.get("hyper_parallel.integrations.torch_dcp")
+        if dcp is not None:  # its torch meshes hold the groups being destroyed
+            dcp.forget_torch_meshes()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -8,9 +8,11 @@ from tests.cases import data_parallel_cases as dc
 
 # Per step: one flat all-reduce per bucket (dp_ep: the replicated parameters over (dp, ep) and the expert shards
 # over dp; dp_tp: everything over dp; ep_tp: the replicated parameters over ep, the expert shards only scaled), the
-# tensor-parallel output reduction of the forward (and, on MindSpore only, the backward one of the replicated input:
-# MindSpore runs a custom backward even when nothing before it needs a gradient; torch skips it), and clipping's
-# all-reduce of the expert shards' squared norms over each axis they are split on.
+# tensor-parallel output reduction of the forward, and clipping's all-reduce of the expert shards' squared norms
+# over each axis they are split on. The backward reduction of the experts' replicated input is skipped on both
+# frameworks: the tokens are data, and nothing before it needs a gradient. (MindSpore ran it while the routed rows'
+# indices were framework ops hanging off the router's graph; on CPU they are host bookkeeping now, see
+# Kernels.expert_counts / stable_order / convert.)
 BUCKETS = {"dp_ep": 2, "dp_tp": 1, "ep_tp": 1}
 TP_FORWARD = {"dp_ep": 0, "dp_tp": 1, "ep_tp": 1}
 CLIP = {"dp_ep": 1, "dp_tp": 1, "ep_tp": 2}
@@ -19,8 +21,7 @@ CLIP = {"dp_ep": 1, "dp_tp": 1, "ep_tp": 2}
 @pytest.mark.parametrize("layout", ["dp_ep", "dp_tp", "ep_tp"])
 def test_training_matches_one_device(worlds, backend, layout):
     calls = worlds.run(backend, 4, dc.trains_like_one_device, layout)
-    tp_backward = TP_FORWARD[layout] if backend == "mindspore" else 0
-    want = BUCKETS[layout] + TP_FORWARD[layout] + tp_backward + CLIP[layout]
+    want = BUCKETS[layout] + TP_FORWARD[layout] + CLIP[layout]
     assert all(c == {"all_reduce": want} for c in calls), calls
 
 

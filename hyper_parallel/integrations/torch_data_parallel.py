@@ -87,8 +87,9 @@ def _launch(reducer: GradientReducer, b: int):
         return b, None, None
     flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1).clone()
     p = get_platform()
+    native = p._group(bucket.group, "DataParallel's gradient all-reduce").native  # refuses a left world's group
     p._record("all_reduce", flat.numel() * flat.element_size())
-    handle = dist.all_reduce(flat, group=bucket.group.native, async_op=True)
+    handle = dist.all_reduce(flat, group=native, async_op=True)
     return b, flat, handle
 
 

@@ -48,6 +48,7 @@ try:  # private in torch; only StridedShard layouts need it
 except ImportError:  # pragma: no cover - a torch without it
     TorchStridedShard = None
 
+from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
 from hyper_parallel.dtensor.module import ParameterSpec, module_parameter_spec
 from hyper_parallel.dtensor.placement import Partial, Replicate, Shard, StridedShard, chunk_sizes
@@ -59,6 +60,11 @@ _HOOKS_ATTR = "_hyper_parallel_dcp_hooks"
 # (device type, ranks, shape, axis names, our Group of each axis) -> torch mesh. Our Groups compare by identity, so
 # a world torn down and joined again (new Groups) never gets a torch mesh over destroyed process groups.
 _TORCH_MESHES: dict[tuple, TorchDeviceMesh] = {}
+
+
+def forget_torch_meshes() -> None:
+    """Drop the cached torch meshes (the platform calls it when it leaves a world: they hold its process groups)."""
+    _TORCH_MESHES.clear()
 
 
 def register_state_dict_hooks(module: torch.nn.Module) -> None:
@@ -85,6 +91,8 @@ def torch_device_mesh(mesh: DeviceMesh, device_type: str) -> TorchDeviceMesh:
             mesh (torch sorts a group's ranks; a mesh line in another order would shard by a different order).
     """
     groups = tuple(mesh.get_group(axis) for axis in range(mesh.ndim))  # raises if this rank is not in the mesh
+    for group in groups:
+        get_platform()._group(group, "exposing a device mesh to torch")  # refuses a group of a world left since
     key = (device_type, mesh.ranks, mesh.shape, mesh.mesh_dim_names, groups)
     cached = _TORCH_MESHES.get(key)
     if cached is not None:
