@@ -199,7 +199,7 @@ class Kernels:
             ValueError: the counts do not match ``w_EKM``'s experts or do not sum to N.
         """
         counts = [int(n) for n in num_tokens_per_expert]
-        if len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0:
+        if len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or (counts and min(counts) < 0):
             raise ValueError(f"grouped_mm: num_tokens_per_expert must be {w_EKM.shape[0]} non-negative counts "
                              f"summing to the {x_NK.shape[0]} rows, got {counts}")
         outs, start = [], 0

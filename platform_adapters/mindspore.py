@@ -295,7 +295,7 @@ class MindSporeKernels(Kernels):
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         counts = [int(n) for n in num_tokens_per_expert]
         live = [e for e, n in enumerate(counts) if n]  # empty experts are skipped, as in the reference
-        if (len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or min(counts, default=0) < 0
+        if (len(counts) != w_EKM.shape[0] or sum(counts) != x_NK.shape[0] or (counts and min(counts) < 0)
                 or not live):
             return super().grouped_mm(x_NK, w_EKM, counts)  # raises on bad counts; zero rows: its connected zeros
         # in bmm's 3-D form from the start: one split of each operand into [1, n, K] and [1, K, M] pieces, one cat

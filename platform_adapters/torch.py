@@ -251,7 +251,7 @@ class TorchKernels(Kernels):
 
     def grouped_mm(self, x_NK, w_EKM, num_tokens_per_expert: Sequence[int]):
         counts = [int(n) for n in num_tokens_per_expert]
-        fits = (len(counts) == w_EKM.shape[0] and sum(counts) == x_NK.shape[0] and min(counts, default=0) >= 0
+        fits = (len(counts) == w_EKM.shape[0] and sum(counts) == x_NK.shape[0] and (not counts or min(counts) >= 0)
                 and w_EKM.device == x_NK.device)
         if not (fits and grouped_mm_device_ok(x_NK.device) and grouped_mm_layout_ok(x_NK, w_EKM)):
             return super().grouped_mm(x_NK, w_EKM, counts)  # the reference, which also raises on bad counts
