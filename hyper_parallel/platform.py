@@ -279,7 +279,7 @@ class Platform(abc.ABC):
             # threads releasing their last work then abort the process ("terminate called without an active
             # exception", SIGABRT after the work was done: seen in about one run in four of a script ending with
             # a dispatch and destroy_process_group on 2 ranks). A Group of the old world refuses to be used.
-            for group in {id(g): g for g in [self._world, *self._groups_by_ranks.values()]}.values():
+            for group in {self._world, *self._groups_by_ranks.values()}:  # eq=False: a set of the objects
                 object.__setattr__(group, "native", None)
                 object.__setattr__(group, "_left", True)
             self._world = None

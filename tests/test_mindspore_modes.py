@@ -78,3 +78,8 @@ def test_memory_bound_catches_per_step_compiled_slices(backend):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_gradients_stay_right_after_a_step_that_raised(worlds, backend, nproc):
     assert worlds.run(backend, nproc, mc.training_after_a_raising_step_is_right, nproc > 1) == [True] * nproc
+
+
+@pytest.mark.parametrize("capture", ["ast", "bytecode"])
+def test_router_under_jit_routes_like_eager(worlds, backend, capture):
+    assert worlds.run(backend, 2, mc.router_under_jit_matches_eager, capture) == [True, True]

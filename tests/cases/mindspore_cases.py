@@ -412,3 +412,24 @@ def training_after_a_raising_step_is_right(parallel: bool) -> bool:
     for got, want in zip(after[1], before[1]):
         np.testing.assert_array_equal(got, want)
     return True
+
+
+def router_under_jit_matches_eager(capture: str) -> bool:
+    """The router compiled in place (what docs/failure_modes.md says runs under ``mindspore.jit``) routes like the
+    eager router on three different batches: its expert counts and casts are NumPy bookkeeping on CPU, which a
+    compiler must not bake in as the first batch's constants."""
+    import mindspore as ms
+
+    p = get_platform()
+    layer = MoE(dim=16, hidden_dim=32, num_experts=8, top_k=2, init_std=0.5, seed=0)
+    batches = [p.tensor(np.random.RandomState(s).randn(20, 16).astype(np.float32)) for s in (1, 2, 3)]
+    eager = [[t.asnumpy() for t in layer.router(x)] for x in batches]
+    compiled = ms.jit(layer.router.construct) if capture == "ast" else \
+        ms.jit(layer.router.construct, capture_mode=capture)
+    with _compile_dumps_elsewhere():
+        got = [[t.asnumpy() for t in compiled(x)] for x in batches]
+    assert len({tuple(e[2].tolist()) for e in eager}) == 3, "the batches should route differently"
+    for batch, (g, e) in enumerate(zip(got, eager)):
+        for name, a, b in zip(("scores", "experts", "counts"), g, e):
+            np.testing.assert_array_equal(a, b, err_msg=f"{capture}: {name} of batch {batch}")
+    return True
