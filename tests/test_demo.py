@@ -76,6 +76,9 @@ def _check_summary(out: str, backends: list[str], layout: str, nproc: int) -> di
             for layer in range(cfg["layers"]):
                 assert sum(load[layer * cfg["experts"]:(layer + 1) * cfg["experts"]]) == cfg["tokens"] * cfg["top_k"]
         assert par["load"] == ref["load"]
+        # the same model whatever the layout: sharded parameters counted once, at their global shape
+        assert par["params"]["model"] == ref["params"]["model"] == ref["params"]["per_rank"]
+        assert par["params"]["per_rank"] < ref["params"]["per_rank"]
     _check_png(os.path.join(out, "demo.png"))
     return s
 

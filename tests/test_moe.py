@@ -30,6 +30,10 @@ def test_moe_reorderer_sequence_parallel_uneven_tokens(worlds, backend, nproc):
     worlds.run(backend, nproc, mc.moe_matches_single_device, "sp", "shared")
 
 
+def test_wrong_model_dimension_is_refused(worlds, backend):
+    assert worlds.run(backend, 2, mc.wrong_model_dimension_is_refused) == [4, 4]
+
+
 def test_expert_bias_update_and_batched_aux_loss(worlds, backend):
     worlds.run(backend, 2, mc.bias_update_and_aux_loss)
 

@@ -154,21 +154,6 @@ class AdamW:
         self._exp_avg_sq = p.cat([st["exp_avg_sq"].reshape(-1) for st in entries])
 
 
-def _trained_slots(model) -> tuple[list[tuple], list[bool]]:
-    """Every trainable parameter as ``(owner, attribute)``, and whether it is replicated (needs its gradient
-    summed over the data axis) rather than sharded by an expert-parallel style."""
-    p = get_platform()
-    modules = dict(p.named_modules(model))
-    slots, replicated = [], []
-    for name, param in p.named_parameters(model):
-        if not param.requires_grad:
-            continue
-        owner, _, attr = name.rpartition(".")
-        slots.append((modules[owner], attr))
-        replicated.append(get_parameter_spec(param) is None)
-    return slots, replicated
-
-
 def _parallelize(model, spec: RunSpec):
     """Apply the layout's style to every layer's experts and DataParallel to the model; return the rank's data
     shard index."""
@@ -203,7 +188,6 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
     rank = p.get_rank() if spec.nproc > 1 else 0
     model = build_model(cfg)
     data_rank = _parallelize(model, spec)
-    _, replicated = _trained_slots(model)
     opt = AdamW([q for _, q in p.named_parameters(model) if q.requires_grad], cfg.lr, cfg.weight_decay)
     start = 0
     if spec.resume_dir:  # the model, AdamW's moments and the step, resharded to this run's layout / framework
@@ -215,7 +199,7 @@ def train(spec: RunSpec, emit=print) -> list[dict]:
     model.record_layer_inputs = spec.nproc == 1
     records = []
     if rank == 0:
-        emit(RECORD_PREFIX + json.dumps({"event": "start", "params": _count_params(model, replicated, spec)}))
+        emit(RECORD_PREFIX + json.dumps({"event": "start", "params": _count_params(model)}))
     for step in range(start, start + spec.steps):
         t0 = time.perf_counter()
         x_np, y_np = task.batch(step, data_rank, spec.data_parallel)
@@ -270,12 +254,14 @@ def _numel(t) -> int:
     return n
 
 
-def _count_params(model, replicated, spec: RunSpec) -> dict:
-    """Parameters held by this rank, and in the whole model (sharded expert weights counted once)."""
+def _count_params(model) -> dict:
+    """Parameters held by this rank, and in the whole model (a sharded parameter counted once, at its global
+    shape: it is split over the expert ranks only, and repeated along the data axes)."""
     p = get_platform()
-    local = [_numel(q) for _, q in p.named_parameters(model) if q.requires_grad]
-    total = sum(n if rep else n * spec.nproc for n, rep in zip(local, replicated))
-    return {"per_rank": sum(local), "model": total}
+    trained = [q for _, q in p.named_parameters(model) if q.requires_grad]
+    specs = [get_parameter_spec(q) for q in trained]
+    return {"per_rank": sum(_numel(q) for q in trained),
+            "model": sum(_numel(q) if spec is None else _numel(spec) for q, spec in zip(trained, specs))}
 
 
 def main(argv: list[str] | None = None) -> int:

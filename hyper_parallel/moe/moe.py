@@ -123,6 +123,9 @@ class MoEMixin:
         """``x [..., D]`` -> the same shape."""
         p = get_platform()
         shape = tuple(x.shape)
+        if not shape or shape[-1] != self.dim:  # before the reshape, which would regroup the values silently
+            raise ValueError(f"MoE: the input's last dimension must be the model dimension dim={self.dim}; got an "
+                             f"input of shape {list(shape)}")
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
         with p.profile_range("hyper_parallel.moe.router"):

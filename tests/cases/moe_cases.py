@@ -91,6 +91,21 @@ def moe_matches_single_device(style: str, variant: str) -> bool:
     return True
 
 
+def wrong_model_dimension_is_refused() -> int:
+    """An input whose last dimension is not the layer's ``dim`` raises, also when its size happens to divide by
+    ``dim`` (a reshape to ``[-1, dim]`` would regroup the values into other tokens and run). Returns the cases."""
+    import pytest
+
+    moe = make_moe("plain")
+    bad = [(4, D - 2), (2, 2, 2 * D), (5, D + 1), (2 * D,)]
+    for shape in bad:
+        with pytest.raises(ValueError, match=rf"last dimension must be the model dimension dim={D}; got an input "
+                                             rf"of shape \[{', '.join(map(str, shape))}\]"):
+            moe(_t(np.ones(shape)))
+    assert tuple(moe(_t(np.ones((2, 3, D)))).shape) == (2, 3, D)  # leading dims are still any
+    return len(bad)
+
+
 def bias_update_and_aux_loss() -> bool:
     """Aux-loss-free bias: loads are counted across forwards, summed over the world, and the bias moves by
     ``rate * sign(mean - load)``. The batched aux loss sees every forward's router scores."""
