@@ -25,6 +25,8 @@ __all__ = ["ParameterSpec", "distribute_parameter", "get_parameter_spec", "full_
 _SPEC_ATTR = "_hyper_parallel_spec"
 _MODULE_SPECS_ATTR = "_hyper_parallel_parameter_specs"
 _DISTRIBUTED_ATTR = "_hyper_parallel_distributed"
+_DATA_PARALLEL_ATTR = "_hyper_parallel_data_parallel"
+"""Set by DataParallel on the parameters it planned: replacing one afterwards would leave it out of the plan."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,12 @@ def distribute_parameter(module, name: str, device_mesh: DeviceMesh, placements:
     if not isinstance(full, p.Parameter):
         names = [n for n, _ in p.named_parameters(module) if "." not in n]
         raise ValueError(f"{type(module).__name__} has no parameter {name!r}; its parameters: {names}")
+    if getattr(full, _DATA_PARALLEL_ATTR, False):
+        # the new parameter would miss DataParallel's reduction (torch: its hooks; MindSpore: its plan), and its
+        # gradient would come out unscaled or summed over ranks holding other experts, with no error
+        raise ValueError(f"{type(module).__name__}.{name} is already under DataParallel, which planned its gradient "
+                         "as a replicated parameter's; apply the expert and tensor parallel styles first, then "
+                         "DataParallel on the whole model")
     dt = distribute_tensor(full, device_mesh, placements, src_data_rank=src_data_rank)
     param = p.replace_parameter(module, name, dt.to_local())
     spec = ParameterSpec(device_mesh=device_mesh, placements=dt.placements, shape=dt.shape)

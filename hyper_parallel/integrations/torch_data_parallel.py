@@ -17,6 +17,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch 2.4: the module was private
+    from torch.distributed._tensor import DTensor
+
 from hyper_parallel._select import get_platform
 from hyper_parallel.parallel.data_parallel import GradientReducer
 
@@ -47,7 +52,18 @@ class _State:
 
 
 def install(module: torch.nn.Module, reducer: GradientReducer) -> None:
-    """Register the hooks on ``reducer.params`` (once per module)."""
+    """Register the hooks on ``reducer.params`` (once per module).
+
+    Raises:
+        ValueError: some parameters are torch DTensors (FSDP2's ``fully_shard`` or torch's own tensor parallelism):
+            their gradients are reduced by that library, and cannot join a flat all-reduce.
+    """
+    foreign = [name for name, param in zip(reducer.names, reducer.params) if isinstance(param, DTensor)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ValueError(f"DataParallel: {len(foreign)} parameters are torch DTensors ({shown}): a library such as "
+                         "FSDP2's fully_shard already reduces their gradients. Pass the modules it wraps as "
+                         "DataParallel(data_axes=..., ignored=[...]) (see the Training page)")
     state = _State(reducer)
     object.__setattr__(module, _STATE_ATTR, state)
     for index, param in enumerate(reducer.params):

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from hyper_parallel._select import get_platform
 from hyper_parallel.dtensor.device_mesh import DeviceMesh
-from hyper_parallel.dtensor.module import named_parameter_specs
+from hyper_parallel.dtensor.module import _DATA_PARALLEL_ATTR, named_parameter_specs
 from hyper_parallel.parallel.style import ParallelStyle
 from hyper_parallel.platform import _ITEMSIZE, Group
 
@@ -188,8 +188,10 @@ class DataParallel(ParallelStyle):
             plan.append((name, param, axes, scale))
         reducer = GradientReducer([q for _, q, _, _ in plan], [n for n, _, _, _ in plan],
                                   self._buckets(plan, device_mesh), module)
+        p.register_gradient_reducer(module, reducer)  # may refuse the model (torch: FSDP2's parameters not ignored)
         object.__setattr__(module, _REDUCER_ATTR, reducer)
-        p.register_gradient_reducer(module, reducer)
+        for param in reducer.params:
+            setattr(param, _DATA_PARALLEL_ATTR, True)  # a style applied after this one refuses to replace it
         _log.info("DataParallel over %s: %d parameters in %d buckets", list(self.data_axes), len(plan),
                   len(reducer.buckets))
         return module

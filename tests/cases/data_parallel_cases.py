@@ -138,6 +138,17 @@ def bad_data_axes() -> bool:
     _raises(ValueError, r"data_axes must be distinct mesh axis names", DataParallel, data_axes=())
     DataParallel(data_axes=("ep",)).apply(model, mesh)
     _raises(ValueError, r"already has DataParallel applied", DataParallel(data_axes=("ep",)).apply, model, mesh)
+    # the styles after DataParallel: the replaced parameters would miss its reduction (their gradients 2x or summed
+    # over other experts' ranks, silently), so every style refuses, before touching any parameter
+    for style, sub in ((ExpertParallel(), mesh["ep"]), (TensorParallel(), mesh["tp"]),
+                       (ExpertTensorParallel(), mesh)):
+        late = _model()
+        DataParallel(data_axes=("ep",)).apply(late, mesh)
+        before = [id(q) for _, q in get_platform().named_parameters(late)]
+        _raises(ValueError, r"GroupedExperts\.w1 is already under DataParallel, which planned its gradient as a "
+                            r"replicated parameter's; apply the expert and tensor parallel styles first",
+                style.apply, late.experts, sub)
+        assert [id(q) for _, q in get_platform().named_parameters(late)] == before
     return True
 
 
