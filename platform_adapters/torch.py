@@ -278,6 +278,7 @@ class TorchPlatform(Platform):
         self._store_key: tuple | None = None
         self._worlds_joined = 0
         self._exit_hook = False
+        self._rendezvous: Rendezvous | None = None  # the joined world's, for its teardown barrier
 
     # ------------------------------------------------------------------ identity
     name = "torch"
@@ -320,6 +321,7 @@ class TorchPlatform(Platform):
             self._worlds_joined += 1
             store = self._rendezvous_store(rendezvous)
             rendezvous.join(store)
+            self._rendezvous = rendezvous
             if not self._exit_hook:
                 _watch_uncaught()
                 atexit.register(self._leave_at_exit)
@@ -399,6 +401,12 @@ class TorchPlatform(Platform):
         dcp = sys.modules.get("hyper_parallel.integrations.torch_dcp")
         if dcp is not None:  # its torch meshes hold the groups being destroyed
             dcp.forget_torch_meshes()
+        rendezvous, self._rendezvous = self._rendezvous, None
+        if rendezvous is not None and dist.is_initialized():
+            # Line the ranks up first, through the store, not a collective: a gloo rank that tears its pairs down
+            # while a peer still finishes the last collective with it aborted that peer (SIGABRT, "terminate called
+            # without an active exception": 4 runs of 12 of a 2-rank script ending with a plain all_reduce).
+            rendezvous.leave(self._store)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -682,15 +682,44 @@ p.destroy_process_group()  # `mesh`, `d` and `y` live on until the interpreter s
 """
 
 
+EXIT_AFTER_PLAIN_COLLECTIVE_SCRIPT = """
+import torch
+import torch.distributed as dist
+import hyper_parallel as hp
+from hyper_parallel import DTensor, named_parameter_specs
+torch.set_num_threads(2)  # the abort needs torch's intra-op threads (the harness sets OMP_NUM_THREADS=1)
+from hyper_parallel.integrations.transformers import parallelize_experts
+from tests.third_party import build_transformers_moe_block
+p = hp.get_platform()
+p.init_process_group()
+block = build_transformers_moe_block("qwen3_moe")
+parallelize_experts(block, hp.init_device_mesh("cpu", (2,), mesh_dim_names=("ep",)))
+block(torch.randn(1, 5, 32, requires_grad=True)).sum().backward()
+for name, q, spec in named_parameter_specs(block):
+    if spec is not None and q.grad is not None:
+        DTensor.from_local(q.grad, spec.device_mesh, spec.placements, shape=spec.shape).full_tensor()
+print("DONE [0.0]", flush=True)
+dist.all_reduce(torch.ones(3))  # the user's own last collective, then the end of the script
+"""
+
+
 @pytest.mark.backends("torch")
 def test_a_script_exits_cleanly_with_or_without_leaving_its_world(tmp_path, backend):
     """A script that ends while a mesh and the exchanges' outputs are still alive exits 0, whether it called
     ``destroy_process_group()`` or not. The gloo groups were torn down during the interpreter's finalization, where
     their worker threads aborted the process (SIGABRT, "terminate called without an active exception") in 4 runs
     of 12 with the call and 3 of 12 without; the platform now lets go of them when the world is left, and leaves a
-    gloo world still joined at exit. Three runs each: a one-in-four crash passes all six one time in six."""
-    for script in (EXIT_AFTER_DESTROY_SCRIPT, EXIT_AFTER_DESTROY_SCRIPT.replace("p.destroy_process_group()", "pass")):
-        for run in range(3):
+    gloo world still joined at exit. Three runs each: a one-in-four crash passes all six one time in six.
+
+    The third script (a transformers block under expert parallelism, its gradients gathered, then a plain torch
+    all_reduce on the default group and no destroy): a rank leaving gloo while its peer still finished the last
+    collective with it aborted the peer in 12 runs of 32 with torch's default threads (it needs the intra-op pool:
+    none of 8 with one thread), until the ranks lined up through the store before tearing down (0 of 28 since).
+    Four runs here catch the old code about half the time on this harness's load."""
+    for script, runs in ((EXIT_AFTER_DESTROY_SCRIPT, 3),
+                         (EXIT_AFTER_DESTROY_SCRIPT.replace("p.destroy_process_group()", "pass"), 3),
+                         (EXIT_AFTER_PLAIN_COLLECTIVE_SCRIPT, 4)):
+        for run in range(runs):
             proc, _ = _launch(tmp_path, backend, script, "--pg-timeout", "30")
             assert proc.returncode == 0 and "terminate called" not in proc.stdout + proc.stderr, \
                 f"run {run}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
