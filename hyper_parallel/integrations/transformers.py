@@ -68,5 +68,20 @@ def parallelize_experts(model: torch.nn.Module, device_mesh: DeviceMesh,
             raise ValueError(f"parallelize_experts: {name} already carries an expert style")
     for _, experts in found:
         style.apply(experts, device_mesh)
+    if callable(getattr(model, "save_pretrained", None)):
+        # transformers would write one rank's shards as the model, or fail in safetensors on the sharded state
+        # dict's storages while the other ranks return having written nothing
+        object.__setattr__(model, "save_pretrained", _RefuseSavePretrained())
     _log.info("%s applied to %d experts modules of %s", type(style).__name__, len(found), type(model).__name__)
     return [name for name, _ in found]
+
+
+class _RefuseSavePretrained:
+    """``save_pretrained`` of a model whose experts are sharded: refused with the way to export it (a picklable
+    instance attribute, so the model still pickles and deep-copies)."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("save_pretrained cannot save a model whose experts are sharded over ranks (each rank holds "
+                         "only its experts). On every rank: hyper_parallel.checkpoint.export(path, model); then, on "
+                         "rank 0, model.config.save_pretrained(path) (see the Checkpoints page, 'Export for "
+                         "inference'); from_pretrained(path) then loads the whole model")

@@ -4,6 +4,7 @@ compare every gathered parameter, the optimizer state and the forward output bit
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import shutil
@@ -442,6 +443,13 @@ def transformers_export(path: str) -> bool:
     model = tp.build_qwen3_moe_causal_lm(num_layers=2)
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     parallelize_experts(model, _mesh_of("ep"))
+    # transformers' own save would write one rank's shards or fail on rank 0 only: refused on every rank, with the way
+    # that works (this export); the model still deep-copies
+    with _raises(ValueError, r"save_pretrained cannot save a model whose experts are sharded over ranks .* On every "
+                             r"rank: hyper_parallel\.checkpoint\.export\(path, model\)"):
+        model.save_pretrained(path)
+    assert not os.path.exists(os.path.join(path, "config.json"))
+    copy.deepcopy(model)
     checkpoint.export(path, model, max_shard_bytes=20000)
     if p.get_rank() == 0:
         model.config.save_pretrained(path)
