@@ -347,8 +347,9 @@ class Rendezvous:
         self._count_in(store, phase, self.env.world_size, self.deadline, "start-up",
                        f"the start-up timeout of {self.start_timeout_s:g} s")
 
-    def leave(self, store: Any) -> None:
-        """Line the ranks up on ``store`` before they tear the world down, within the process-group timeout.
+    def leave(self, store: Any, timeout_s: float | None = None) -> None:
+        """Line the ranks up on ``store`` before they tear the world down, within the process-group timeout (or
+        ``timeout_s``).
 
         A barrier through the store rather than a collective: after a collective, the rank that sent last may still
         wait for its peers' acknowledgements, which a peer that tears down at once never sends (seen with mccl: the
@@ -360,14 +361,23 @@ class Rendezvous:
             RuntimeError: some rank did not come within the process-group timeout (the message says how many did),
                 or the store went away.
         """
-        deadline = time.monotonic() + self.timeout_s
-        within = f"the process-group timeout of {self.timeout_s:g} s"
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        within = f"{timeout_s:g} s" if timeout_s != self.timeout_s else f"the process-group timeout of {timeout_s:g} s"
         world = self.env.world_size
-        self._count_in(store, "leaving", world, deadline, "teardown", within)
+        try:
+            self._count_in(store, "leaving", world, deadline, "teardown", within)
+        except RuntimeError:
+            if not self.is_master:  # leaving anyway: the store's host must not wait for this rank as well
+                self._say_left(store)
+            raise
         if self.is_master:
             self._count_in(store, "left", world, deadline, "teardown", within)
         else:
-            self.store_call(lambda: store.add(f"hyper_parallel/left/{self.namespace}", 1), "teardown")
+            self._say_left(store)
+
+    def _say_left(self, store: Any) -> None:
+        self.store_call(lambda: store.add(f"hyper_parallel/left/{self.namespace}", 1), "teardown")
 
     def _count_in(self, store: Any, phase: str, expected: int, deadline: float, during: str, within: str) -> None:
         """Add this rank to ``phase``'s counter, then poll until it reaches ``expected``; past ``deadline``, raise a

@@ -83,6 +83,10 @@ _UNCAUGHT: list = []
 """The types of the exceptions that ended the main thread (recorded by the hook :func:`_watch_uncaught` installs)."""
 
 
+_LINE_UP_S = 10.0
+"""Seconds a rank leaving its world waits for the others (see ``TorchPlatform._destroy_process_group``)."""
+
+
 def _watch_uncaught() -> None:
     """Record an uncaught exception before the previous ``sys.excepthook`` reports it (chained, once)."""
     previous = sys.excepthook
@@ -405,8 +409,16 @@ class TorchPlatform(Platform):
         if rendezvous is not None and dist.is_initialized():
             # Line the ranks up first, through the store, not a collective: a gloo rank that tears its pairs down
             # while a peer still finishes the last collective with it aborted that peer (SIGABRT, "terminate called
-            # without an active exception": 4 runs of 12 of a 2-rank script ending with a plain all_reduce).
-            rendezvous.leave(self._store)
+            # without an active exception": 12 runs of 32 of a 2-rank script ending with a plain all_reduce). A
+            # peer inside a collective with this rank is moments away; one still busy with other work (rank 0
+            # saving alone) has no collective with it to break, so the others' line-up is bounded and teardown
+            # follows. The store's host waits for every rank (within the process-group timeout): its store must
+            # outlive their last calls to it.
+            try:
+                rendezvous.leave(self._store, timeout_s=None if rendezvous.is_master else
+                                 min(rendezvous.timeout_s, _LINE_UP_S))
+            except RuntimeError as e:
+                _log.info("left the world without every rank lined up (%s)", e)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -726,6 +726,38 @@ def test_a_script_exits_cleanly_with_or_without_leaving_its_world(tmp_path, back
             assert proc.stdout.count("DONE [0.0]") == 2, proc.stdout
 
 
+LATE_RANK_SCRIPT = """
+import sys, time
+import torch, torch.distributed as dist
+import hyper_parallel as hp
+p = hp.get_platform()
+p.init_process_group()
+dist.all_reduce(torch.ones(3))
+if p.get_rank() == int(sys.argv[1]):
+    time.sleep(12)  # one rank works alone at the end (saving, evaluating), no collective left
+print("DONE [0.0]", flush=True)
+"""
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("late", [0, 1])
+def test_a_rank_working_alone_at_the_end_exits_cleanly(tmp_path, backend, late):
+    """Leaving lines the ranks up (above); a rank still busy alone must not make the others fail or wait long: the
+    others give up the line-up after 10 s, the store's host (rank 0) waits for everyone, so nobody calls a store that
+    is gone (rank 1 late, rank 0 leaving first, broke its pipe to the store before)."""
+    path = tmp_path / "late.py"
+    path.write_text(textwrap.dedent(LATE_RANK_SCRIPT))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "hyper_parallel.launch", "--nproc", "2", "--backend", backend,
+                           "--timeout", "150", str(path), str(late)], cwd=REPO, env=_base_env(backend),
+                          capture_output=True, text=True, timeout=200)
+    took = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.count("DONE [0.0]") == 2, out
+    assert "Broken pipe" not in out and "terminate called" not in out and "recvValue failed" not in out, out
+    assert took < 12 + 10 + 15, took  # the late rank's 12 s, at most the 10 s line-up, start-up
+
+
 MS_REINIT_SCRIPT = """
 import hyper_parallel as hp
 p = hp.get_platform()
