@@ -118,6 +118,14 @@ def test_compare_backends_reports_the_per_step_difference(backend, tmp_path):
     assert cross["per_step_rel_diff"] == [abs(a - b) / abs(a) for a, b in zip(t, m)]
     assert cross["max_rel_diff"] <= 1e-4 and cross["ok"] is True
     assert "torch vs mindspore (parallel runs): per-step" in r.stdout
+    runs = s["runs"]
+    for kind, label in (("parallel", "parallel"), ("reference", "single process")):
+        ratio = runs[f"mindspore/{kind}"]["tokens_per_s"] / runs[f"torch/{kind}"]["tokens_per_s"]
+        assert cross["speed_ratio"][kind] == ratio
+        words = f"1/{1 / ratio:.1f}" if ratio < 1 else f"{ratio:.2f}x"
+        assert (f"{label} {words} ({runs[f'mindspore/{kind}']['tokens_per_s']:,.0f} vs "
+                f"{runs[f'torch/{kind}']['tokens_per_s']:,.0f})") in r.stdout, r.stdout
+    assert "mindspore vs torch tokens/s: parallel " in r.stdout
 
 
 BAD_INPUT = {  # id: (arguments, environment, words the one error line must contain)

@@ -267,7 +267,10 @@ def summarize(runs: list[tuple[str, C.RunSpec]], results: dict) -> dict:
             "backends": backends, "compared": "parallel runs", "per_step_rel_diff": rel,
             "per_step_abs_diff": [abs(x - y) for x, y in zip(a, b)], "max_rel_diff": max(rel),
             "mean_rel_diff": sum(rel) / len(rel), "max_abs_diff": max_abs_diff(a, b),
-            "tolerance": C.CROSS_BACKEND_REL_TOL, "ok": max(rel) <= C.CROSS_BACKEND_REL_TOL}
+            "tolerance": C.CROSS_BACKEND_REL_TOL, "ok": max(rel) <= C.CROSS_BACKEND_REL_TOL,
+            # the second backend's tokens/s over the first's, per run (reported, not bounded: machine-dependent)
+            "speed_ratio": {kind: results[f"{backends[1]}/{kind}"]["tokens_per_s"]
+                            / results[f"{backends[0]}/{kind}"]["tokens_per_s"] for kind in ("parallel", "reference")}}
     summary["ok"] = all(v["ok"] for v in summary["parity"].values()) and \
         (summary["cross_backend"] is None or summary["cross_backend"]["ok"])
     return summary
@@ -301,7 +304,18 @@ def print_summary(summary: dict, png: str, js: str, stream=None) -> None:
         w(f"torch vs mindspore (parallel runs): per-step |loss_torch - loss_mindspore| / |loss_torch| max "
           f"{cross['max_rel_diff']:.2e}, mean {cross['mean_rel_diff']:.2e} (absolute max {cross['max_abs_diff']:.2e});"
           f" target {cross['tolerance']:.0e}: {'OK' if cross['ok'] else 'FAILED'}")
+        first, second = cross["backends"]
+        w(f"{second} vs {first} tokens/s: " + ", ".join(
+            f"{label} {_ratio_words(cross['speed_ratio'][kind])} "
+            f"({summary['runs'][f'{second}/{kind}']['tokens_per_s']:,.0f} vs "
+            f"{summary['runs'][f'{first}/{kind}']['tokens_per_s']:,.0f})"
+            for kind, label in (("parallel", "parallel"), ("reference", "single process"))))
     w(f"wrote {png} and {js}")
+
+
+def _ratio_words(ratio: float) -> str:
+    """``0.08 -> "1/12.2"``, ``1.5 -> "1.50x"``: a speed ratio as people say it."""
+    return f"1/{1 / ratio:.1f}" if 0 < ratio < 1 else f"{ratio:.2f}x"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
